@@ -1,0 +1,143 @@
+"""Command line: ``kandlab doctor`` (and more subcommands as the course grows).
+
+``kandlab doctor`` answers "will the course work here?": versions, CPU/GPU and
+memory, whether the model hub is reachable (≤ ~2 s offline, never hangs), every
+shipped checkpoint with its sha256 status, and whether ipywidgets is usable. It
+exits non-zero when something the course needs is broken, with the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+from importlib import metadata
+import sys
+from dataclasses import dataclass
+
+REQUIRED = ["torch", "numpy", "matplotlib", "PIL", "ipywidgets", "tqdm", "safetensors", "skimage", "scipy", "tokenizers"]
+OPTIONAL = ["transformers", "huggingface_hub", "jupyterlab", "diffusers", "pytest", "nbval"]
+INSTALL_HINT = "pip install -e '.[dev]' (from the kandlab folder)"
+
+
+@dataclass
+class Finding:
+    label: str
+    value: str
+    ok: bool = True
+    fix: str = ""
+
+
+def _version(module: str) -> str | None:
+    """Import ``module`` (a real check that it works) and return its version."""
+    try:
+        mod = importlib.import_module(module)
+    except Exception:  # noqa: BLE001  (a broken install can raise anything)
+        return None
+    return getattr(mod, "__version__", "installed")
+
+
+def _memory_gib() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _widgets_finding() -> Finding:
+    version = _version("ipywidgets")
+    if version is None:
+        return Finding("ipywidgets", "missing", False, f"pip install 'ipywidgets>=8' or {INSTALL_HINT}")
+    if int(version.split(".")[0]) < 8:
+        return Finding("ipywidgets", version, False, "pip install -U 'ipywidgets>=8' (the lessons' widgets need 8+)")
+    try:
+        import ipywidgets
+
+        ipywidgets.IntSlider(value=1, min=0, max=2)  # constructs without a kernel
+    except Exception as err:  # noqa: BLE001
+        return Finding("ipywidgets", f"{version} (broken: {err})", False, "pip install --force-reinstall 'ipywidgets>=8'")
+    lab = "with jupyterlab_widgets" if _version("jupyterlab_widgets") else "jupyterlab_widgets missing"
+    return Finding("ipywidgets", f"{version} usable ({lab})")
+
+
+def doctor_findings() -> list[Finding]:
+    from kandlab import weights
+
+    found = [Finding("python", platform.python_version(), sys.version_info >= (3, 10), "use Python 3.10 or newer")]
+    for mod in REQUIRED:
+        v = _version(mod)
+        found.append(Finding(mod, v or "missing", v is not None, INSTALL_HINT))
+    for dist in OPTIONAL:  # metadata only: importing diffusers alone takes seconds
+        try:
+            found.append(Finding(dist, metadata.version(dist)))
+        except metadata.PackageNotFoundError:
+            found.append(Finding(dist, "not installed (optional)"))
+
+    found.append(Finding("cpu cores", str(os.cpu_count())))
+    mem = _memory_gib()
+    found.append(Finding("memory", f"{mem:.1f} GiB" if mem else "unknown"))
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = ", ".join(
+                f"{torch.cuda.get_device_name(i)} ({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)"
+                for i in range(torch.cuda.device_count())
+            )
+        else:
+            gpu = "none — every lesson runs on the CPU; lesson 09 (3B inference) needs a GPU or Colab"
+        found.append(Finding("gpu", gpu))
+    except ImportError:
+        pass
+
+    online = weights.hub_reachable(timeout=2.0)
+    found.append(Finding("model hub", "reachable (real weights can be loaded on request)" if online
+                         else "offline — fine: the course runs on the shipped tiny models"))
+
+    checkpoints = weights.shipped_checkpoints()
+    if not checkpoints:
+        found.append(Finding("tiny checkpoints", "none shipped yet"))
+    for name, status in checkpoints.items():
+        fix = {
+            "missing": f"git checkout -- data/{name}",
+            "mismatch": f"git checkout -- data/{name} (the file differs from data/{weights.MANIFEST_NAME})",
+            "unlisted": "python -c 'import kandlab.weights as w; w.write_manifest()'",
+        }.get(status, "")
+        found.append(Finding(f"data/{name}", f"sha256 {status}", status == "ok", fix))
+
+    found.append(_widgets_finding())
+    return found
+
+
+def doctor(_: argparse.Namespace) -> int:
+    findings = doctor_findings()
+    width = max(len(f.label) for f in findings)
+    for f in findings:
+        mark = "ok " if f.ok else "ERR"
+        print(f"[{mark}] {f.label:<{width}}  {f.value}")
+    broken = [f for f in findings if not f.ok]
+    if broken:
+        print("\nSomething the course needs is broken. To fix:")
+        for f in broken:
+            print(f"  - {f.label}: {f.fix}")
+        return 1
+    print("\nAll good: open the course with `jupyter lab notebooks/`.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kandlab", description="kandlab course tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("doctor", help="check that this machine can run the course")
+    p.set_defaults(func=doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

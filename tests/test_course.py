@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import torch
+
+from kandlab import course
+
+
+def test_budget_follows_fast_flag(monkeypatch):
+    monkeypatch.setenv("KANDLAB_FAST", "1")
+    assert course.budget(full=1000, fast=3) == 3
+    monkeypatch.setenv("KANDLAB_FAST", "0")
+    assert course.budget(full=1000, fast=3) == 1000
+
+
+def test_strip_solutions_keeps_signature_docstring_and_hints():
+    src = '''def f(x):
+    """Double x."""
+    # BEGIN SOLUTION
+    # HINT: multiply by two
+    y = 2 * x
+    return y
+    # END SOLUTION
+
+print(f(3))'''
+    out = course.strip_solutions(src)
+    assert 'def f(x):\n    """Double x."""' in out
+    assert "    # HINT: multiply by two" in out
+    assert "    raise NotImplementedError" in out
+    assert "y = 2 * x" not in out and "BEGIN SOLUTION" not in out
+    assert out.endswith("print(f(3))")
+    ns = {}
+    exec(out.replace("print(f(3))", ""), ns)
+    with pytest.raises(NotImplementedError):
+        ns["f"](1)
+
+
+@pytest.mark.parametrize("bad", ["# BEGIN SOLUTION\nx=1", "x=1\n# END SOLUTION", "# BEGIN SOLUTION\n# BEGIN SOLUTION\n# END SOLUTION"])
+def test_strip_solutions_rejects_unbalanced_markers(bad):
+    with pytest.raises(ValueError, match="SOLUTION"):
+        course.strip_solutions(bad)
+
+
+def test_learner_copy_clears_outputs_and_check_tags():
+    nb = {"cells": [{"cell_type": "code", "source": "x = 1", "outputs": [{"output_type": "stream", "text": "hi"}],
+                     "execution_count": 3, "metadata": {"tags": ["nbval-check-output"]}},
+                    {"cell_type": "markdown", "source": "# title", "metadata": {}}],
+          "metadata": {"widgets": {"state": {}}}, "nbformat": 4, "nbformat_minor": 5}
+    out = course.learner_copy(nb)
+    cell = out["cells"][0]
+    assert cell["outputs"] == [] and cell["execution_count"] is None and "tags" not in cell["metadata"]
+    assert out["cells"][1] == nb["cells"][1] and "widgets" not in out["metadata"]
+    assert nb["cells"][0]["outputs"], "the solution notebook must not be modified"
+
+
+def _double(x):
+    return 2 * x
+
+
+def test_check_pass_not_attempted_and_wrong(capsys):
+    cases = [(torch.arange(3.0),), (torch.ones(2, 2),)]
+    assert course.check(lambda x: x + x, _double, cases, name="double") is True
+    assert "passed all 2 cases" in capsys.readouterr().out
+
+    def stub(x):
+        raise NotImplementedError
+    assert course.check(stub, _double, cases, name="double") is False
+    assert "not attempted yet" in capsys.readouterr().out
+
+    with pytest.raises(AssertionError, match=r"case 1 of 2.*max abs error 2"):
+        course.check(lambda x: 3 * x, _double, cases, name="double")
+    with pytest.raises(AssertionError, match=r"shape \(3, 1\) but expected \(3,\)"):
+        course.check(lambda x: (2 * x)[:, None], _double, cases, name="double")
+    with pytest.raises(AssertionError, match="dtype"):
+        course.check(lambda x: (2 * x).long(), _double, cases, name="double")
+
+
+def test_check_compares_tuples_and_numbers():
+    ref = lambda a: (a * 2, float(a.sum()))  # noqa: E731
+    assert course.check(lambda a: (a * 2, float(a.sum())), ref, [(torch.ones(3),)])
+    with pytest.raises(AssertionError, match=r"output\[1\]"):
+        course.check(lambda a: (a * 2, 0.0), ref, [(torch.ones(3),)])
+
+
+def test_build_and_sync_detect_stale_copies(tmp_path):
+    (tmp_path / "solutions").mkdir()
+    nb = {"cells": [{"cell_type": "code", "source": "# BEGIN SOLUTION\nx = 1\n# END SOLUTION", "outputs": [],
+                     "execution_count": None, "metadata": {}}], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    (tmp_path / "solutions" / "01_a.ipynb").write_text(json.dumps(nb))
+    assert course.check_sync(tmp_path) == ["notebooks/01_a.ipynb is missing"]
+    course.build(tmp_path)
+    assert course.check_sync(tmp_path) == []
+    nb["cells"][0]["source"] = "# BEGIN SOLUTION\nx = 2\n# END SOLUTION\nprint(x)"
+    (tmp_path / "solutions" / "01_a.ipynb").write_text(json.dumps(nb))
+    assert course.check_sync(tmp_path) == ["notebooks/01_a.ipynb is stale"]
