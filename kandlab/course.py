@@ -17,6 +17,7 @@ Command line::
 
     python -m kandlab.course build   # regenerate notebooks/ from solutions/
     python -m kandlab.course check   # exit 1 if notebooks/ is stale
+    python -m kandlab.course execute [NAME ...]  # run solutions in place, then build
 """
 
 from __future__ import annotations
@@ -115,13 +116,14 @@ def check(
     atol: float = 1e-5,
     rtol: float = 1e-5,
     name: str | None = None,
-) -> bool:
+) -> None:
     """Compare an exercise ``fn`` to the ``reference`` on fixed ``cases``.
 
     Each case is a tuple of positional arguments or a dict of keyword arguments.
-    Prints ``✅ passed`` and returns True; prints *not attempted yet* and returns
-    False when ``fn`` raises ``NotImplementedError`` (so *Run All* continues);
-    raises ``AssertionError`` naming the first failing case otherwise.
+    Prints ``✅ passed``; prints *not attempted yet* when ``fn`` raises
+    ``NotImplementedError`` (so *Run All* continues); raises ``AssertionError``
+    naming the first failing case otherwise. Returns nothing, so a check cell
+    shows only the message.
     """
     name = name or getattr(fn, "__name__", "your function")
     cases = list(cases)
@@ -132,13 +134,12 @@ def check(
             got = fn(*copy.deepcopy(args), **copy.deepcopy(kwargs))
         except NotImplementedError:
             print(f"⏭  {name}: not attempted yet — the lesson continues with kandlab's version.")
-            return False
+            return
         problem = compare(got, want, atol, rtol)
         if problem:
             shown = ", ".join(_describe(a) for a in args) or ", ".join(f"{k}={_describe(v)}" for k, v in kwargs.items())
             raise AssertionError(f"❌ {name}: case {i + 1} of {len(cases)} ({shown}): {problem}")
     print(f"✅ {name}: passed all {len(cases)} cases.")
-    return True
 
 
 # ---------------------------------------------------------------------------
@@ -234,6 +235,28 @@ def check_sync(root: Path = REPO) -> list[str]:
     return problems
 
 
+def execute(path: Path, timeout: int = 1200) -> float:
+    """Run a solution notebook in place (outputs committed for readers); return seconds.
+
+    Widget state is dropped afterwards: it is large and a repository page cannot
+    use it anyway (each lesson shows a static frame of every widget).
+    """
+    import time
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    start = time.perf_counter()
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    seconds = time.perf_counter() - start
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+    nbformat.write(nb, path)
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cmd = argv[0] if argv else "check"
@@ -241,6 +264,13 @@ def main(argv: list[str] | None = None) -> int:
         for path in build():
             print(f"wrote {path.relative_to(REPO)}")
         print("notebooks/ is up to date with solutions/")
+        return 0
+    if cmd == "execute":
+        names = argv[1:] or [s.name for s, _ in _pairs()]
+        for name in names:
+            path = REPO / "solutions" / Path(name).name
+            print(f"{path.name}: {execute(path):.1f} s")
+        build()
         return 0
     if cmd == "check":
         problems = check_sync()
@@ -250,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print("notebooks/ is in sync with solutions/")
         return 0
-    print(f"unknown command {cmd!r}; use `build` or `check`", file=sys.stderr)
+    print(f"unknown command {cmd!r}; use `build`, `check` or `execute`", file=sys.stderr)
     return 2
 
 

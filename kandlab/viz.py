@@ -67,7 +67,7 @@ def pipeline_diagram() -> plt.Figure:
     ax.axis("off")
     boxes = [
         (0.1, "prompt", '"two red circles\nabove a blue square"', "#eeeeee"),
-        (2.2, "text encoder", "Flan-UL2 encoder (T5)\n8.6 B · 128 tokens × 4096\nlessons 04", "#cfe2f3"),
+        (2.2, "text encoder", "Flan-UL2 encoder (T5)\n8.6 B · 128 tokens × 4096\nlesson 04", "#cfe2f3"),
         (4.6, "UNet over latents", "3.0 B · 4 × 128 × 128\n25 denoising steps + CFG\nlessons 01–06, 09", "#f4cccc"),
         (7.0, "MoVQ decoder", "≈ 267 M · latents → pixels\n× 8 upsampling\nlesson 07", "#d9ead3"),
         (9.2, "image", "1024 × 1024 RGB", "#eeeeee"),
@@ -154,5 +154,47 @@ def forward_diffusion_widget(images: dict[str, torch.Tensor], schedules: dict[st
         w.observe(redraw, names="value")
     redraw()
     box = widgets.VBox([widgets.HBox([image_pick, schedule_pick]), t_slider, out])
+    display(box)
+    return box
+
+
+# ---------------------------------------------------------------------------
+# Lesson 00: the shapes world
+
+
+def plot_shapes_item(image: torch.Tensor, caption: str) -> plt.Figure:
+    """One shapes image, enlarged, with what ShapesBench detects in it."""
+    from kandlab import shapes
+
+    verdict = shapes.score_per_image(image[None], [caption])[0]
+    blobs = shapes.detect(image)
+    fig, (ax_img, ax_txt) = plt.subplots(1, 2, figsize=(7, 3.2), gridspec_kw={"width_ratios": [1, 1.2]})
+    ax_img.imshow(to_image(image), interpolation="nearest")
+    ax_img.set_title(caption, fontsize=9)
+    ax_img.axis("off")
+    ax_txt.axis("off")
+    lines = ["ShapesBench sees:"] + [f"  {b.colour} {b.shape} ({b.area} px)" for b in blobs]
+    lines += ["", "verdict:"] + [f"  {k:9s} {'✓' if v else '✗'}" for k, v in verdict.items()]
+    ax_txt.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def shapes_browser(dataset, start: int = 0):
+    """Slider over dataset indices showing :func:`plot_shapes_item`."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    index = widgets.IntSlider(value=start, min=0, max=len(dataset) - 1, description="index", continuous_update=False)
+    out = widgets.Output()
+
+    def redraw(*_):
+        with out:
+            out.clear_output(wait=True)
+            plt.show(plot_shapes_item(*dataset[index.value]))
+
+    index.observe(redraw, names="value")
+    redraw()
+    box = widgets.VBox([index, out])
     display(box)
     return box

@@ -156,7 +156,8 @@ def require_hub(repo_id: str, what: str = "weights") -> None:
         return
     raise OfflineError(
         f"The model hub ({HUB_HOST}) is not reachable, so the real {what} of {repo_id!r} cannot be loaded. "
-        f"On a machine with internet run `huggingface-cli download {repo_id}` and copy the cache "
+        f"On a machine with internet run `hf download {repo_id}` (older huggingface_hub: "
+        f"`huggingface-cli download {repo_id}`) and copy the cache "
         "(~/.cache/huggingface) here, or open this lesson in Colab. "
         "The lesson continues with the shipped tiny model."
     )

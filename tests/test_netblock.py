@@ -33,6 +33,6 @@ def test_real_tier_offline_message_is_clear_and_fast(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     start = time.perf_counter()
     assert weights.hub_reachable(timeout=2.0) is False
-    with pytest.raises(weights.OfflineError, match="huggingface-cli download kandinsky-community/kandinsky-3"):
+    with pytest.raises(weights.OfflineError, match="hf download kandinsky-community/kandinsky-3"):
         weights.require_hub("kandinsky-community/kandinsky-3")
     assert time.perf_counter() - start < 6
