@@ -126,11 +126,37 @@ def doctor(_: argparse.Namespace) -> int:
     return 0
 
 
+def train_command(args: argparse.Namespace) -> int:
+    from kandlab import train
+
+    if args.recipe not in train.RECIPES:
+        print(f"unknown recipe {args.recipe!r}; choose one of: {', '.join(train.RECIPES)}", file=sys.stderr)
+        return 2
+    recipe = train.RECIPES[args.recipe]()
+    if args.steps is not None:
+        if args.steps < 1:
+            print("--steps must be at least 1", file=sys.stderr)
+            return 2
+        recipe.steps = args.steps
+    ema, log = train.train(recipe, run_dir=args.run_dir, resume=not args.restart)
+    if args.export:
+        path = train.export(recipe, ema, log)
+        print(f"wrote {path} ({log['step']} steps in {log['seconds'] / 60:.1f} min)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kandlab", description="kandlab course tools")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("doctor", help="check that this machine can run the course")
     p.set_defaults(func=doctor)
+    p = sub.add_parser("train", help="rebuild a shipped tiny model from its recipe")
+    p.add_argument("recipe", help="recipe name, e.g. pixel-uncond")
+    p.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
+    p.add_argument("--run-dir", default="runs", help="where state, logs and sample grids go (default: runs/)")
+    p.add_argument("--restart", action="store_true", help="ignore a saved state and start from scratch")
+    p.add_argument("--no-export", dest="export", action="store_false", help="do not write data/<name>.*")
+    p.set_defaults(func=train_command)
     return parser
 
 

@@ -741,3 +741,38 @@ def sample_grid(n: int = 16, size: int = 32, seed: int = 0):
         ax.imshow((image.permute(1, 2, 0).numpy() + 1) / 2, interpolation="nearest")  # (H, W, 3)
         ax.set_title("\n".join(textwrap.wrap(text, 20)), fontsize=7, loc="center")
     return fig
+
+
+# ---------------------------------------------------------------------------
+# 7. A score for unconditional samples
+# ---------------------------------------------------------------------------
+
+
+_MAX_STRAY_FRACTION = 0.1  # foreground pixels outside any blob (specks), as a share of all foreground
+
+
+def plausible(blobs: list[Blob], foreground: int | None = None) -> bool:
+    """Could these blobs be a shapes-world picture? 1–2 colours, each with 1–3 blobs
+    of one recognised shape (what some caption of the grammar would draw), and —
+    if the ``foreground`` pixel count is given — at most 10 % of it in specks."""
+    if foreground is not None and foreground - sum(b.area for b in blobs) > _MAX_STRAY_FRACTION * foreground:
+        return False
+    by_colour: dict[str, list[Blob]] = {}
+    for blob in blobs:
+        by_colour.setdefault(blob.colour, []).append(blob)
+    if not 1 <= len(by_colour) <= 2:
+        return False
+    return all(
+        len(group) <= 3 and group[0].shape != "unknown" and len({b.shape for b in group}) == 1
+        for group in by_colour.values()
+    )
+
+
+def plausibility(images) -> float:
+    """ShapesBench for unconditional samples: the fraction of images that are
+    :func:`plausible` (no caption needed). Dataset images score 1.0, noise 0."""
+    batch = _as_image_batch(images)
+    if len(batch) == 0:
+        raise ValueError("no images to score")
+    codes = _colour_codes(batch) if isinstance(batch, np.ndarray) else [_colour_codes(im[None])[0] for im in batch]
+    return float(np.mean([plausible(_blobs_from_codes(code), int((code > 0).sum())) for code in codes]))

@@ -198,3 +198,200 @@ def shapes_browser(dataset, start: int = 0):
     box = widgets.VBox([index, out])
     display(box)
     return box
+
+
+# ---------------------------------------------------------------------------
+# Lesson 02: denoising trajectories
+
+
+def plot_trajectory_step(trajectory, i: int, n: int = 8) -> plt.Figure:
+    """Row 1: x_t at step i of a sampling trajectory; row 2: the model's x̂₀ at that step.
+
+    ``trajectory`` is the list of ``TrajectoryStep(t, x_t, x0_hat)`` returned by
+    ``GaussianDiffusion.sample(..., return_trajectory=True)``.
+    """
+    step = trajectory[i]
+    n = min(n, step.x_t.shape[0])
+    fig, axes = plt.subplots(2, n, figsize=(1.3 * n, 3.0), squeeze=False)
+    for j in range(n):
+        axes[0, j].imshow(to_image(step.x_t[j].clamp(-1, 1)), interpolation="nearest")
+        axes[1, j].imshow(to_image(step.x0_hat[j].clamp(-1, 1)), interpolation="nearest")
+        axes[0, j].axis("off")
+        axes[1, j].axis("off")
+    label = "final sample" if step.t < 0 else f"t = {step.t}"
+    axes[0, 0].set_title(f"x_t   ({label}, step {i + 1}/{len(trajectory)})", fontsize=9, loc="left")
+    axes[1, 0].set_title("predicted x̂₀", fontsize=9, loc="left")
+    fig.tight_layout()
+    return fig
+
+
+def trajectory_widget(trajectory, n: int = 8):
+    """A slider that scrubs through a denoising trajectory (x_t above, x̂₀ below)."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    step = widgets.IntSlider(value=0, min=0, max=len(trajectory) - 1, description="step",
+                             continuous_update=False, layout=widgets.Layout(width="60%"))
+    play = widgets.Play(value=0, min=0, max=len(trajectory) - 1, interval=300)
+    widgets.jslink((play, "value"), (step, "value"))
+    out = widgets.Output()
+
+    def redraw(*_):
+        with out:
+            out.clear_output(wait=True)
+            plt.show(plot_trajectory_step(trajectory, step.value, n))
+
+    step.observe(redraw, names="value")
+    redraw()
+    box = widgets.VBox([widgets.HBox([play, step]), out])
+    display(box)
+    return box
+
+
+# ---------------------------------------------------------------------------
+# Lesson 03: inside the UNet
+
+
+def parameter_breakdown(model: torch.nn.Module) -> dict[str, dict[str, int]]:
+    """Parameters of a kandlab UNet per place (stem, each down/up level, head) and block type.
+
+    Block types: ``resnet``, ``self-attention``, ``cross-attention``, ``other`` (convs,
+    norms, embeddings). Works on the ``meta`` device, so the 3B model costs no memory.
+    """
+    from kandlab.unet import AttentionBlock, DownLevel, ResNetBlock, UpLevel
+
+    table: dict[str, dict[str, int]] = {}
+    levels = {id(m): f"down {i}" for i, m in enumerate(getattr(model, "down", []))}
+    n_up = len(getattr(model, "up", []))
+    levels.update({id(m): f"up {n_up - 1 - i}" for i, m in enumerate(getattr(model, "up", []))})
+
+    def kind(module: torch.nn.Module, name: str) -> str:
+        if isinstance(module, ResNetBlock):
+            return "resnet"
+        if isinstance(module, AttentionBlock):
+            return "cross-attention" if "cross" in name else "self-attention"
+        return "other"
+
+    for top_name, top in model.named_children():
+        if isinstance(top, torch.nn.ModuleList):
+            for sub in top:
+                place = levels.get(id(sub), top_name)
+                row = table.setdefault(place, {})
+                assert isinstance(sub, (DownLevel, UpLevel))
+                for name, child in sub.named_children():
+                    modules = child if isinstance(child, torch.nn.ModuleList) else [child]
+                    for m in modules:
+                        k = kind(m, name)
+                        row[k] = row.get(k, 0) + sum(p.numel() for p in m.parameters())
+        else:
+            place = {"time_embedding": "time embedding", "text_projection": "text projection",
+                     "attention_pooling": "attention pooling"}.get(top_name, "stem / head convs")
+            row = table.setdefault(place, {})
+            row["other"] = row.get("other", 0) + sum(p.numel() for p in top.parameters())
+    return table
+
+
+def plot_parameter_breakdown(tables: dict[str, dict[str, dict[str, int]]]) -> plt.Figure:
+    """Side-by-side stacked bars of :func:`parameter_breakdown` for several models (share of total)."""
+    kinds = ["resnet", "self-attention", "cross-attention", "other"]
+    colours = {"resnet": "#4c72b0", "self-attention": "#dd8452", "cross-attention": "#55a868", "other": "#999999"}
+    fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 3.8), squeeze=False)
+    for ax, (title, table) in zip(axes[0], tables.items()):
+        total = sum(sum(r.values()) for r in table.values())
+        places = list(table)
+        left = np.zeros(len(places))
+        for k in kinds:
+            vals = np.array([table[p].get(k, 0) / total * 100 for p in places])
+            ax.barh(places, vals, left=left, color=colours[k], label=k)
+            left += vals
+        ax.invert_yaxis()
+        ax.set_xlim(0, left.max() * 1.08)
+        ax.set_xlabel("% of all parameters")
+        ax.set_title(f"{title}: {total:,} parameters", fontsize=10)
+    axes[0, 0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def cross_attention_maps(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                         text_mask: torch.Tensor | None = None) -> list[tuple[str, torch.Tensor]]:
+    r"""Run the UNet once and return every cross-attention's weights, averaged over heads.
+
+    softmax(QKᵀ/√d + M) is recomputed from the inputs each cross-attention receives
+    (the model itself uses the fused ``scaled_dot_product_attention``, which does
+    not expose the weights). Returns ``[(name, (B, H, W, L))]`` in execution order.
+    """
+    from kandlab.unet import Attention, AttentionBlock
+
+    captured: list[tuple[str, torch.Tensor]] = []
+    hooks = []
+    for name, block in model.named_modules():
+        if isinstance(block, AttentionBlock) and "cross" in name:
+            attn: Attention = block.attention
+
+            def hook(module, args, _out, name=name):
+                q_in, context = args[0], args[1]
+                mask_bias = args[2] if len(args) > 2 else None
+                B, N, _ = q_in.shape
+                L = context.shape[1]
+                h, d = module.heads, module.head_dim
+                q = module.to_q(q_in).view(B, N, h, d).transpose(1, 2)  # (B, h, N, d)
+                k = module.to_k(context).view(B, L, h, d).transpose(1, 2)  # (B, h, L, d)
+                scores = q @ k.transpose(-1, -2) / d**0.5  # (B, h, N, L)
+                if mask_bias is not None:
+                    scores = scores + mask_bias
+                captured.append((name, scores.softmax(-1).mean(1)))  # (B, N, L)
+
+            hooks.append(attn.register_forward_hook(hook))
+    try:
+        model(x, t, text, text_mask)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    out = []
+    for name, probs in captured:  # (B, N, L) → (B, H, W, L)
+        side = int(round(probs.shape[1] ** 0.5))
+        out.append((name, probs.reshape(probs.shape[0], side, side, probs.shape[-1])))
+    return out
+
+
+def plot_cross_attention(image: torch.Tensor, maps: list[tuple[str, torch.Tensor]], tokens: Sequence[str],
+                         token_index: int, sample: int = 0) -> plt.Figure:
+    """The image and, for one text token, its attention map at every cross-attention layer."""
+    n = len(maps)
+    fig, axes = plt.subplots(1, n + 1, figsize=(1.6 * (n + 1), 2.1))
+    axes[0].imshow(to_image(image), interpolation="nearest")
+    axes[0].set_title("x_t" if image.abs().max() > 1.05 else "image", fontsize=8)
+    for ax, (name, m) in zip(axes[1:], maps):
+        ax.imshow(m[sample, :, :, token_index].numpy(), cmap="magma", vmin=0, interpolation="nearest")
+        path = "down" if name.startswith("down") else "up"
+        ax.set_title(f"{path} {m.shape[1]}×{m.shape[2]}", fontsize=7)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(f"cross-attention to token {token_index}: {tokens[token_index]!r}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def cross_attention_widget(images: torch.Tensor, maps_per_t: dict[int, list[tuple[str, torch.Tensor]]],
+                           tokens: Sequence[str]):
+    """Pick a text token and a timestep; see that token's attention map at every level."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    token = widgets.Dropdown(options=[(f"{i}: {tok}", i) for i, tok in enumerate(tokens)], description="token")
+    t_pick = widgets.SelectionSlider(options=sorted(maps_per_t), description="t", continuous_update=False)
+    out = widgets.Output()
+
+    def redraw(*_):
+        with out:
+            out.clear_output(wait=True)
+            plt.show(plot_cross_attention(images[t_pick.value], maps_per_t[t_pick.value], tokens, token.value))
+
+    token.observe(redraw, names="value")
+    t_pick.observe(redraw, names="value")
+    redraw()
+    box = widgets.VBox([widgets.HBox([token, t_pick]), out])
+    display(box)
+    return box

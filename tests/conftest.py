@@ -17,6 +17,9 @@ os.environ["KANDLAB_BLOCK_NETWORK"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["MPLBACKEND"] = "Agg"
+# PyTorch's OpenMP workers busy-wait by default; on a 2-core machine with a notebook
+# kernel beside the test process that can slow small ops 10-100x. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(NETBLOCK), str(REPO), os.environ.get("PYTHONPATH", "")) if p
 )

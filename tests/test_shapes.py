@@ -312,3 +312,18 @@ def test_sample_grid_shows_captioned_images():
     assert titled[0].get_title().replace("\n", " ") == first
     with pytest.raises(ValueError, match="n must be an int"):
         S.sample_grid(n=0)
+
+
+def test_plausibility_separates_dataset_images_from_noise_and_junk():
+    shapes = S
+    data = shapes.ShapesDataset(size=32, seed=5, length=300)
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    assert shapes.plausibility(images) >= 0.99
+    noise = torch.randn(300, 3, 32, 32, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    assert shapes.plausibility(noise) <= 0.05
+    three_colours = images[:1].clone()
+    three_colours[:, :, 26:31, 1:6] = torch.tensor([1.0, 1.0, -1.0])[:, None, None]  # extra yellow blob
+    three_colours[:, :, 26:31, 26:31] = torch.tensor([-1.0, 1.0, 1.0])[:, None, None]  # extra cyan blob
+    assert shapes.plausibility(three_colours) == 0.0
+    with pytest.raises(ValueError):
+        shapes.plausibility(torch.zeros(0, 3, 32, 32))
