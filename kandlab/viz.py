@@ -18,6 +18,14 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 # Images
 
 
+def _show(fig: plt.Figure) -> None:
+    """Display a figure inside a widget's Output and free it (works with any backend)."""
+    from IPython.display import display
+
+    display(fig)
+    plt.close(fig)
+
+
 def to_image(x: torch.Tensor | np.ndarray) -> np.ndarray:
     """(C, H, W) tensor in [-1, 1] → (H, W, C) float array in [0, 1] for imshow."""
     if isinstance(x, torch.Tensor):
@@ -148,7 +156,7 @@ def forward_diffusion_widget(images: dict[str, torch.Tensor], schedules: dict[st
             out.clear_output(wait=True)
             fig = plot_forward_step(images[image_pick.value], t_slider.value, schedules[schedule_pick.value],
                                     noises[image_pick.value], schedule_pick.value)
-            plt.show(fig)
+            _show(fig)
 
     for w in (t_slider, image_pick, schedule_pick):
         w.observe(redraw, names="value")
@@ -191,7 +199,7 @@ def shapes_browser(dataset, start: int = 0):
     def redraw(*_):
         with out:
             out.clear_output(wait=True)
-            plt.show(plot_shapes_item(*dataset[index.value]))
+            _show(plot_shapes_item(*dataset[index.value]))
 
     index.observe(redraw, names="value")
     redraw()
@@ -239,7 +247,7 @@ def trajectory_widget(trajectory, n: int = 8):
     def redraw(*_):
         with out:
             out.clear_output(wait=True)
-            plt.show(plot_trajectory_step(trajectory, step.value, n))
+            _show(plot_trajectory_step(trajectory, step.value, n))
 
     step.observe(redraw, names="value")
     redraw()
@@ -387,7 +395,7 @@ def cross_attention_widget(images: torch.Tensor, maps_per_t: dict[int, list[tupl
     def redraw(*_):
         with out:
             out.clear_output(wait=True)
-            plt.show(plot_cross_attention(images[t_pick.value], maps_per_t[t_pick.value], tokens, token.value))
+            _show(plot_cross_attention(images[t_pick.value], maps_per_t[t_pick.value], tokens, token.value))
 
     token.observe(redraw, names="value")
     t_pick.observe(redraw, names="value")

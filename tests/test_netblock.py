@@ -36,3 +36,10 @@ def test_real_tier_offline_message_is_clear_and_fast(monkeypatch):
     with pytest.raises(weights.OfflineError, match="hf download kandinsky-community/kandinsky-3"):
         weights.require_hub("kandinsky-community/kandinsky-3")
     assert time.perf_counter() - start < 6
+
+
+def test_notebook_kernels_get_fast_mode_and_the_block():
+    import os
+
+    assert os.environ["KANDLAB_FAST"] == "1" and os.environ["KANDLAB_BLOCK_NETWORK"] == "1"
+    assert "netblock" in os.environ["PYTHONPATH"]

@@ -1,5 +1,7 @@
-"""Test-suite set-up: FAST mode, no network (here and in notebook kernels),
-and a per-notebook timing table at the end of the run."""
+"""Test-suite set-up for every test path (unit tests and the nbval notebooks):
+FAST mode, no network (here and in notebook kernels), and a per-notebook timing
+table at the end of the run. It lives at the repository root so that it applies
+to solutions/ and notebooks/ too."""
 from __future__ import annotations
 
 import os
@@ -7,8 +9,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-NETBLOCK = Path(__file__).resolve().parent / "netblock"
+REPO = Path(__file__).resolve().parent
+NETBLOCK = REPO / "tests" / "netblock"
 NOTEBOOK_BUDGET_S = 90.0
 
 # Environment inherited by nbval's kernels: FAST loops, blocked network, offline hub.

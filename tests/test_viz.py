@@ -1,0 +1,60 @@
+"""Every widget builds and redraws without a browser (the plot functions run for real)."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from kandlab import schedules, shapes, viz  # noqa: E402
+from kandlab.diffusion import TrajectoryStep  # noqa: E402
+
+
+def _slider(box):
+    from ipywidgets import IntSlider, SelectionSlider
+
+    stack = [box]
+    while stack:
+        w = stack.pop()
+        if isinstance(w, (IntSlider, SelectionSlider)):
+            return w
+        stack.extend(getattr(w, "children", ()))
+    raise AssertionError("no slider in widget")
+
+
+def _move(box):
+    s = _slider(box)
+    s.value = s.options[-1] if hasattr(s, "options") and s.options else s.max
+
+
+def test_forward_diffusion_widget_redraws():
+    img = torch.rand(3, 16, 16) * 2 - 1
+    box = viz.forward_diffusion_widget({"a": img}, {"cosine": schedules.alpha_bar(schedules.cosine_betas(50))})
+    _move(box)
+    plt.close("all")
+
+
+def test_shapes_browser_redraws():
+    box = viz.shapes_browser(shapes.ShapesDataset(length=4))
+    _move(box)
+    plt.close("all")
+
+
+def test_trajectory_widget_redraws():
+    traj = [TrajectoryStep(t, torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)) for t in (9, 5, 0, -1)]
+    box = viz.trajectory_widget(traj, n=2)
+    _move(box)
+    plt.close("all")
+
+
+def test_cross_attention_widget_redraws():
+    maps = {t: [("down.1.cross_attentions.0", torch.rand(1, 4, 4, 3))] for t in (10, 500)}
+    box = viz.cross_attention_widget({t: torch.randn(3, 8, 8) for t in maps}, maps, ["a", "b", "</s>"])
+    _move(box)
+    plt.close("all")
+
+
+def test_to_image_rejects_batches():
+    import pytest
+
+    with pytest.raises(ValueError, match="one image"):
+        viz.to_image(torch.zeros(2, 3, 4, 4))
