@@ -776,3 +776,25 @@ def plausibility(images) -> float:
         raise ValueError("no images to score")
     codes = _colour_codes(batch) if isinstance(batch, np.ndarray) else [_colour_codes(im[None])[0] for im in batch]
     return float(np.mean([plausible(_blobs_from_codes(code), int((code > 0).sum())) for code in codes]))
+
+
+def unconditional_stats(images) -> dict[str, float]:
+    """What an unconditional sampler draws, in numbers a dataset can be compared with:
+
+    * ``plausible``: the :func:`plausibility` of the batch;
+    * ``recognised``: the fraction of blobs whose shape is a circle, square or triangle;
+    * ``blobs``: mean number of blobs per image (the dataset: 1–6);
+    * ``colours``: mean number of distinct blob colours per image (the dataset: 1–2).
+    """
+    batch = _as_image_batch(images)
+    if len(batch) == 0:
+        raise ValueError("no images to score")
+    codes = _colour_codes(batch) if isinstance(batch, np.ndarray) else [_colour_codes(im[None])[0] for im in batch]
+    per_image = [(_blobs_from_codes(code), int((code > 0).sum())) for code in codes]
+    all_blobs = [b for blobs, _ in per_image for b in blobs]
+    return {
+        "plausible": float(np.mean([plausible(blobs, fg) for blobs, fg in per_image])),
+        "recognised": float(np.mean([b.shape != "unknown" for b in all_blobs])) if all_blobs else 0.0,
+        "blobs": float(np.mean([len(blobs) for blobs, _ in per_image])),
+        "colours": float(np.mean([len({b.colour for b in blobs}) for blobs, _ in per_image])),
+    }

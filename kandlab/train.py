@@ -198,7 +198,7 @@ def export(recipe: Recipe, ema: UNet, log: dict, out_dir: Path | None = None, n_
 
     diffusion = GaussianDiffusion(recipe.betas())
     samples = sample_images(ema, diffusion, n=n_score, steps=recipe.grid_steps, seed=1234, size=recipe.image_size)
-    score = shapes.plausibility(samples)
+    stats = shapes.unconditional_stats(samples)
     save_grid(samples[:64], out / f"{recipe.name}.png", f"{recipe.name}: DDIM {recipe.grid_steps} steps, seed 1234")
     card = {
         "name": recipe.name,
@@ -214,7 +214,8 @@ def export(recipe: Recipe, ema: UNet, log: dict, out_dir: Path | None = None, n_
                                       for chunk in (log["losses"][i:i + 25] for i in range(0, len(log["losses"]), 25))],
         "hardware": {"cpu_count": __import__("os").cpu_count(), "machine": platform.machine(),
                      "torch": torch.__version__, "threads": recipe.threads},
-        "score": {"shapesbench_plausibility": score, "samples": n_score, "sampler": f"DDIM {recipe.grid_steps} steps, eta 0, seed 1234"},
+        "score": {**{f"shapesbench_{k}": round(v, 4) for k, v in stats.items()}, "samples": n_score,
+                  "sampler": f"DDIM {recipe.grid_steps} steps, eta 0, seed 1234"},
         "rebuild": f"kandlab train {recipe.name.replace('_', '-')}",
         "sha256": weights.sha256_file(path),
     }

@@ -327,3 +327,13 @@ def test_plausibility_separates_dataset_images_from_noise_and_junk():
     assert shapes.plausibility(three_colours) == 0.0
     with pytest.raises(ValueError):
         shapes.plausibility(torch.zeros(0, 3, 32, 32))
+
+
+def test_unconditional_stats_on_dataset_images():
+    data = S.ShapesDataset(size=32, seed=6, length=200)
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    stats = S.unconditional_stats(images)
+    assert stats["plausible"] >= 0.99 and stats["recognised"] >= 0.99
+    assert 1.0 <= stats["colours"] <= 2.0 and 1.0 <= stats["blobs"] <= 6.0
+    noise = torch.rand(50, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert S.unconditional_stats(noise)["plausible"] <= 0.05

@@ -45,7 +45,7 @@ def test_train_resume_and_export(tmp_path, monkeypatch):
     path = train.export(recipe, ema, log, out_dir=out, n_score=4)
     card = json.loads((out / "micro.json").read_text())
     assert card["sha256"] == weights.sha256_file(path) and card["steps"] == 2
-    assert 0.0 <= card["score"]["shapesbench_plausibility"] <= 1.0
+    assert 0.0 <= card["score"]["shapesbench_plausible"] <= 1.0
     assert weights.verify("micro.safetensors") == "ok"
     loaded = train.load_tiny_unet("micro")
     x, t = torch.randn(1, 3, 32, 32), torch.tensor([10])
