@@ -20,10 +20,12 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -46,7 +48,7 @@ class Recipe:
     ema_decay: float = 0.999
     image_size: int = 32
     num_images: int = 20_000  # a fixed pre-rendered training set (rendering on the fly costs CPU)
-    schedule: str = "cosine"  # Kandinsky 3 uses the cosine (squaredcos_cap_v2) schedule
+    schedule: Literal["cosine", "linear"] = "cosine"  # Kandinsky 3 uses the cosine (squaredcos_cap_v2) schedule
     seed: int = 0
     sample_every: int = 500
     grid_samples: int = 16  # images in each periodic sample grid
@@ -54,7 +56,6 @@ class Recipe:
     save_every: int = 250
     threads: int = 1  # 2 OpenMP threads on a busy 2-core machine are far slower than 1
     description: str = ""
-    extra: dict = field(default_factory=dict)
 
     def betas(self) -> torch.Tensor:
         return schedules.cosine_betas(1000) if self.schedule == "cosine" else schedules.linear_betas(1000)
@@ -155,7 +156,8 @@ def train(recipe: Recipe, run_dir: Path | str = "runs", steps: int | None = None
         torch.set_rng_state(state["rng"])
         print(f"resuming {recipe.name} at step {log['step']}")
 
-    images = render_training_set(recipe)  # (N, 3, S, S)
+    # Rendering 20k images takes ~10 s: skip it when a resumed run has nothing left to do.
+    images = render_training_set(recipe) if log["step"] < steps else None  # (N, 3, S, S)
     g = torch.Generator().manual_seed(recipe.seed + log["step"])
     bar = tqdm(range(log["step"], steps), desc=recipe.name, disable=not progress, initial=log["step"], total=steps)
     start = time.perf_counter() - log["seconds"]
@@ -212,7 +214,7 @@ def export(recipe: Recipe, ema: UNet, log: dict, out_dir: Path | None = None, n_
         "final_loss_mean_last_100": round(sum(log["losses"][-100:]) / len(log["losses"][-100:]), 5),
         "loss_curve_every_25_steps": [round(sum(chunk) / len(chunk), 4)
                                       for chunk in (log["losses"][i:i + 25] for i in range(0, len(log["losses"]), 25))],
-        "hardware": {"cpu_count": __import__("os").cpu_count(), "machine": platform.machine(),
+        "hardware": {"cpu_count": os.cpu_count(), "machine": platform.machine(),
                      "torch": torch.__version__, "threads": recipe.threads},
         "score": {**{f"shapesbench_{k}": round(v, 4) for k, v in stats.items()}, "samples": n_score,
                   "sampler": f"DDIM {recipe.grid_steps} steps, eta 0, seed 1234"},
