@@ -32,6 +32,9 @@ from tqdm.auto import tqdm
 
 from kandlab import schedules, shapes, weights
 from kandlab.diffusion import GaussianDiffusion
+from kandlab.pipeline import Pipeline, TextToImage, config_card
+from kandlab.t5 import T5Config
+from kandlab.tokenizer import ShapesTokenizer
 from kandlab.unet import UNet, UNetConfig
 
 
@@ -56,6 +59,12 @@ class Recipe:
     save_every: int = 250
     threads: int = 1  # 2 OpenMP threads on a busy 2-core machine are far slower than 1
     description: str = ""
+    # text-to-image only (``text=None`` trains an unconditional UNet)
+    text: T5Config | None = None  # the tiny T5 encoder, trained jointly with the UNet (GLIDE's recipe)
+    cond_dropout: float = 0.1  # fraction of captions replaced by the empty context (for guidance)
+    max_length: int = 16  # tokens per caption, padding included
+    guidance: float = 4.0  # guidance scale s of the periodic grids and the exported score
+    n_score: int = 512  # fixed prompts (or samples) behind the exported ShapesBench numbers
 
     def betas(self) -> torch.Tensor:
         return schedules.cosine_betas(1000) if self.schedule == "cosine" else schedules.linear_betas(1000)
@@ -67,21 +76,59 @@ def pixel_uncond() -> Recipe:
         name="pixel_uncond",
         unet=UNetConfig.tiny_pixel(text_conditioned=False, block_out_channels=(32, 64, 128), attention_levels=(False, True, True)),
         steps=2500,
+        n_score=256,
         description="Unconditional tiny Kandinsky-3 UNet on 32×32 shapes (lesson 02).",
     )
 
 
-RECIPES = {"pixel-uncond": pixel_uncond}
+def pixel_text() -> Recipe:
+    """Lesson 04-06: a text-conditioned Kandinsky 3 UNet + tiny T5 over 32×32 shapes.
+
+    Four levels, attention on all but the first, so the UNet exports to diffusers'
+    ``Kandinsky3UNet``; the T5 encoder trains jointly with it (see lesson 04).
+    """
+    return Recipe(
+        name="pixel_text",
+        unet=UNetConfig.tiny_pixel(),
+        text=T5Config.tiny(vocab_size=ShapesTokenizer.from_shapes().vocab_size),
+        steps=6000,
+        num_images=50_000,
+        threads=2,
+        sample_every=500,
+        description="Text-conditioned tiny Kandinsky-3 UNet + jointly trained tiny T5 on 32×32 captioned "
+                    "shapes, 10% condition dropout (lessons 04-06).",
+    )
+
+
+RECIPES = {"pixel-uncond": pixel_uncond, "pixel-text": pixel_text}
 
 
 # ---------------------------------------------------------------------------
 # Pieces of the loop
 
 
-def render_training_set(recipe: Recipe) -> torch.Tensor:
-    """Pre-render ``num_images`` shapes images: (N, 3, S, S) in [-1, 1]."""
+def render_training_set(recipe: Recipe) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """Pre-render ``num_images`` shapes images (N, 3, S, S) in [-1, 1] and, for a text
+    recipe, their tokenised captions ``{"input_ids", "attention_mask"}`` (N, L)."""
     data = shapes.ShapesDataset(size=recipe.image_size, seed=recipe.seed, length=recipe.num_images)
-    return torch.stack([data[i][0] for i in tqdm(range(len(data)), desc="rendering shapes", leave=False)])
+    items = [data[i] for i in tqdm(range(len(data)), desc="rendering shapes", leave=False)]
+    images = torch.stack([image for image, _ in items])
+    tokens = None
+    if recipe.text is not None:
+        tokens = ShapesTokenizer.from_shapes(max_length=recipe.max_length)([c for _, c in items])
+    return images, tokens
+
+
+def build_model(recipe: Recipe) -> UNet | TextToImage:
+    """The network a recipe trains: a bare UNet, or T5 + UNet for a text recipe."""
+    return UNet(recipe.unet) if recipe.text is None else TextToImage(recipe.unet, recipe.text)
+
+
+def score_prompts(n: int = 512, seed: int = 2024) -> list[str]:
+    """The fixed ShapesBench prompts: captions of ``ShapesDataset(seed=2024)`` (never trained on
+    as a set; the training set uses seed 0)."""
+    data = shapes.ShapesDataset(seed=seed, length=n)
+    return [shapes.caption(data.scene(i)) for i in range(n)]
 
 
 @torch.no_grad()
@@ -106,6 +153,14 @@ def sample_images(model: UNet, diffusion: GaussianDiffusion, n: int = 16, steps:
     x = diffusion.sample(lambda x_t, t: model(x_t, t), (n, model.config.in_channels, size, size),
                          num_steps=steps, method="ddim", generator=g, progress=progress)
     return x.clamp(-1, 1)
+
+
+def periodic_grid(recipe: Recipe, model: UNet | TextToImage, diffusion: GaussianDiffusion) -> torch.Tensor:
+    """The progress grid: unconditional samples, or the first score prompts with guidance."""
+    if recipe.text is None:
+        return sample_images(model, diffusion, n=recipe.grid_samples, steps=recipe.grid_steps, size=recipe.image_size)
+    pipe = Pipeline(model, ShapesTokenizer.from_shapes(max_length=recipe.max_length), diffusion, recipe.image_size)
+    return pipe(score_prompts(recipe.grid_samples), steps=recipe.grid_steps, guidance=recipe.guidance, progress=False)
 
 
 def save_grid(images: torch.Tensor, path: Path, title: str = "") -> None:
@@ -141,7 +196,7 @@ def train(recipe: Recipe, run_dir: Path | str = "runs", steps: int | None = None
     run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
 
-    model = UNet(recipe.unet)
+    model = build_model(recipe)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
     diffusion = GaussianDiffusion(recipe.betas())
@@ -157,7 +212,7 @@ def train(recipe: Recipe, run_dir: Path | str = "runs", steps: int | None = None
         print(f"resuming {recipe.name} at step {log['step']}")
 
     # Rendering 20k images takes ~10 s: skip it when a resumed run has nothing left to do.
-    images = render_training_set(recipe) if log["step"] < steps else None  # (N, 3, S, S)
+    images, tokens = render_training_set(recipe) if log["step"] < steps else (None, None)  # (N, 3, S, S)
     g = torch.Generator().manual_seed(recipe.seed + log["step"])
     bar = tqdm(range(log["step"], steps), desc=recipe.name, disable=not progress, initial=log["step"], total=steps)
     start = time.perf_counter() - log["seconds"]
@@ -166,8 +221,14 @@ def train(recipe: Recipe, run_dir: Path | str = "runs", steps: int | None = None
         model.train()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe)
-        x0 = images[torch.randint(0, len(images), (recipe.batch_size,), generator=g)]  # (B, 3, S, S)
-        loss = diffusion.loss(model, x0)
+        idx = torch.randint(0, len(images), (recipe.batch_size,), generator=g)
+        x0 = images[idx]  # (B, 3, S, S)
+        if tokens is None:
+            loss = diffusion.loss(model, x0)
+        else:
+            drop = torch.rand(recipe.batch_size, generator=g) < recipe.cond_dropout  # (B,)
+            loss = diffusion.loss(model, x0, input_ids=tokens["input_ids"][idx],
+                                  attention_mask=tokens["attention_mask"][idx], drop=drop)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -180,7 +241,7 @@ def train(recipe: Recipe, run_dir: Path | str = "runs", steps: int | None = None
         log["seconds"] = time.perf_counter() - start
         bar.set_postfix(loss=f"{running:.4f}", it_s=f"{log['step'] / max(log['seconds'], 1e-9):.2f}")
         if (step + 1) % recipe.sample_every == 0 or step + 1 == steps:
-            grid = sample_images(ema, diffusion, n=recipe.grid_samples, steps=recipe.grid_steps, size=recipe.image_size)
+            grid = periodic_grid(recipe, ema, diffusion)
             save_grid(grid, run / f"samples_{step + 1:06d}.png",
                       f"{recipe.name} step {step + 1}")
         if (step + 1) % recipe.save_every == 0 or step + 1 == steps:
@@ -189,7 +250,31 @@ def train(recipe: Recipe, run_dir: Path | str = "runs", steps: int | None = None
     return ema.eval(), log
 
 
-def export(recipe: Recipe, ema: UNet, log: dict, out_dir: Path | None = None, n_score: int = 256) -> Path:
+def score_model(recipe: Recipe, model: UNet | TextToImage, diffusion: GaussianDiffusion,
+                n: int) -> tuple[dict, torch.Tensor]:
+    """ShapesBench numbers for a card and the samples behind them.
+
+    Unconditional: `shapes.unconditional_stats` of ``n`` DDIM samples. Text: the
+    per-category scores on ``n`` fixed prompts (`score_prompts`) with the default
+    sampler (DDIM, ``recipe.guidance``, static threshold), in batches of 64.
+    """
+    sampler = f"DDIM {recipe.grid_steps} steps, eta 0, seed 1234"
+    if recipe.text is None:
+        samples = sample_images(model, diffusion, n=n, steps=recipe.grid_steps, seed=1234, size=recipe.image_size)
+        stats = shapes.unconditional_stats(samples)
+        return {**{f"shapesbench_{k}": round(v, 4) for k, v in stats.items()}, "samples": n, "sampler": sampler}, samples
+    pipe = Pipeline(model, ShapesTokenizer.from_shapes(max_length=recipe.max_length), diffusion, recipe.image_size)
+    prompts = score_prompts(n)
+    chunks = [pipe(prompts[i:i + 64], steps=recipe.grid_steps, guidance=recipe.guidance, seed=1234 + i,
+                   progress=False) for i in tqdm(range(0, n, 64), desc="ShapesBench", leave=False)]
+    samples = torch.cat(chunks)
+    stats = shapes.score(samples, prompts)
+    return {**{f"shapesbench_{k}": round(v, 4) for k, v in stats.items()}, "prompts": n,
+            "sampler": f"{sampler}, guidance {recipe.guidance}, static threshold",
+            "prompt_set": "kandlab.train.score_prompts(n) = captions of ShapesDataset(seed=2024)"}, samples
+
+
+def export(recipe: Recipe, ema: UNet | TextToImage, log: dict, out_dir: Path | None = None) -> Path:
     """Write ``<name>.safetensors``, its JSON card and sample grid PNG; refresh the manifest."""
     from safetensors.torch import save_file
 
@@ -199,14 +284,17 @@ def export(recipe: Recipe, ema: UNet, log: dict, out_dir: Path | None = None, n_
     save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(path))
 
     diffusion = GaussianDiffusion(recipe.betas())
-    samples = sample_images(ema, diffusion, n=n_score, steps=recipe.grid_steps, seed=1234, size=recipe.image_size)
-    stats = shapes.unconditional_stats(samples)
-    save_grid(samples[:64], out / f"{recipe.name}.png", f"{recipe.name}: DDIM {recipe.grid_steps} steps, seed 1234")
+    score, samples = score_model(recipe, ema, diffusion, recipe.n_score)
+    title = f"{recipe.name}: DDIM {recipe.grid_steps} steps, seed 1234"
+    if recipe.text is not None:
+        title = f"{recipe.name}: DDIM {recipe.grid_steps} steps, guidance {recipe.guidance}, first prompts"
+    save_grid(samples[:64], out / f"{recipe.name}.png", title)
     card = {
         "name": recipe.name,
         "description": recipe.description,
-        "recipe": {k: v for k, v in asdict(recipe).items() if k != "unet"},
+        "recipe": {k: v for k, v in asdict(recipe).items() if k not in ("unet", "text")},
         "unet_config": asdict(recipe.unet),
+        **({"t5_config": asdict(recipe.text)} if recipe.text is not None else {}),
         "parameters": sum(p.numel() for p in ema.parameters()),
         "steps": log["step"],
         "wall_time_seconds": round(log["seconds"], 1),
@@ -216,8 +304,7 @@ def export(recipe: Recipe, ema: UNet, log: dict, out_dir: Path | None = None, n_
                                       for chunk in (log["losses"][i:i + 25] for i in range(0, len(log["losses"]), 25))],
         "hardware": {"cpu_count": os.cpu_count(), "machine": platform.machine(),
                      "torch": torch.__version__, "threads": recipe.threads},
-        "score": {**{f"shapesbench_{k}": round(v, 4) for k, v in stats.items()}, "samples": n_score,
-                  "sampler": f"DDIM {recipe.grid_steps} steps, eta 0, seed 1234"},
+        "score": score,
         "rebuild": f"kandlab train {recipe.name.replace('_', '-')}",
         "sha256": weights.sha256_file(path),
     }

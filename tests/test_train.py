@@ -12,7 +12,7 @@ def _micro_recipe(**overrides) -> train.Recipe:
     unet = UNetConfig.tiny_pixel(text_conditioned=False, block_out_channels=(16, 32), attention_levels=(False, True),
                                  groups=8, head_dim=16, time_embedding_dim=32)
     base = dict(name="micro", unet=unet, steps=2, batch_size=4, num_images=16, sample_every=2, save_every=1, warmup=2,
-                grid_samples=2, grid_steps=3)
+                grid_samples=2, grid_steps=3, n_score=4)
     return train.Recipe(**{**base, **overrides})
 
 
@@ -42,7 +42,7 @@ def test_train_resume_and_export(tmp_path, monkeypatch):
 
     out = tmp_path / "data"
     monkeypatch.setenv("KANDLAB_DATA", str(out))
-    path = train.export(recipe, ema, log, out_dir=out, n_score=4)
+    path = train.export(recipe, ema, log, out_dir=out)
     card = json.loads((out / "micro.json").read_text())
     assert card["sha256"] == weights.sha256_file(path) and card["steps"] == 2
     assert 0.0 <= card["score"]["shapesbench_plausible"] <= 1.0
@@ -50,6 +50,33 @@ def test_train_resume_and_export(tmp_path, monkeypatch):
     loaded = train.load_tiny_unet("micro")
     x, t = torch.randn(1, 3, 32, 32), torch.tensor([10])
     assert torch.allclose(loaded(x, t), ema(x, t), atol=1e-6)
+
+
+def test_text_recipe_trains_exports_and_loads_into_a_pipeline(tmp_path, monkeypatch):
+    from kandlab.pipeline import Pipeline
+    from kandlab.t5 import T5Config
+    from kandlab.tokenizer import ShapesTokenizer
+
+    unet = UNetConfig.tiny_pixel(block_out_channels=(16, 32), attention_levels=(False, True), groups=8,
+                                 head_dim=16, time_embedding_dim=32, cross_attention_dim=32, encoder_hid_dim=32)
+    text = T5Config.tiny(vocab_size=ShapesTokenizer.from_shapes().vocab_size)
+    text = T5Config(**{**text.__dict__, "d_model": 32})
+    recipe = _micro_recipe(name="microtext", unet=unet, text=text, cond_dropout=0.5, n_score=3)
+    ema, log = train.train(recipe, run_dir=tmp_path / "runs", progress=False)
+    assert log["step"] == 2
+    out = tmp_path / "data"
+    monkeypatch.setenv("KANDLAB_DATA", str(out))
+    train.export(recipe, ema, log, out_dir=out)
+    card = json.loads((out / "microtext.json").read_text())
+    assert card["score"]["prompts"] == 3 and 0.0 <= card["score"]["shapesbench_overall"] <= 1.0
+    assert card["t5_config"]["d_model"] == 32
+    pipe = Pipeline.from_tiny("microtext")
+    ids = ShapesTokenizer.from_shapes()(["one red circle"])
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([10])
+    assert torch.allclose(pipe.model(x, t, ids["input_ids"], ids["attention_mask"]),
+                          ema(x, t, ids["input_ids"], ids["attention_mask"]), atol=1e-6)
+    images = pipe(["one red circle", "two blue squares"], steps=2, progress=False)
+    assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
 
 
 def test_shipped_unconditional_model_loads_and_denoises():

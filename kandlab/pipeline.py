@@ -1,0 +1,196 @@
+"""Text → image: the T5 encoder and the UNet joined, and a sampling pipeline around them.
+
+``TextToImage`` is the trainable pair (Kandinsky 3's layout at tiny width):
+
+    caption ─tokenizer→ ids (B, L) ─T5→ tokens (B, L, D) ─┬→ UNet cross-attention (every attention level)
+                                                           └→ UNet attention pooling → added to t_emb
+
+Condition dropout (GLIDE, Ho & Salimans 2022) trains the same network to be
+unconditional too: a dropped caption becomes Kandinsky 3's (diffusers')
+unconditional context — zero token embeddings with an all-zero mask, so
+cross-attention and pooling see nothing.
+
+``Pipeline`` samples from a trained pair with classifier-free guidance, both
+branches in one batched forward, any sampler of `kandlab.diffusion`, and an
+optional threshold of x̂₀ (lesson 06).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Literal
+
+import torch
+from torch import nn
+
+from kandlab import schedules, weights
+from kandlab.diffusion import GaussianDiffusion, cfg_eps, dynamic_threshold, static_threshold
+from kandlab.t5 import T5Config, T5Encoder
+from kandlab.tokenizer import ShapesTokenizer
+from kandlab.unet import UNet, UNetConfig
+
+MAX_STEPS = 1000  # the trained schedule has T = 1000 timesteps
+
+
+class TextToImage(nn.Module):
+    """A T5 encoder feeding a text-conditioned UNet; ε̂ = model(x_t, t, ids, mask)."""
+
+    def __init__(self, unet: UNetConfig, t5: T5Config) -> None:
+        super().__init__()
+        if unet.encoder_hid_dim != t5.d_model:
+            raise ValueError(
+                f"the UNet expects text of width encoder_hid_dim={unet.encoder_hid_dim} but the T5 "
+                f"encoder gives d_model={t5.d_model}; make them equal"
+            )
+        self.t5 = T5Encoder(t5)
+        self.unet = UNet(unet)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, L) → (text tokens (B, L, D), bool mask (B, L))."""
+        mask = attention_mask.bool()
+        text = self.t5(input_ids, attention_mask) * mask[..., None]  # padding → exact zeros
+        return text, mask
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """ε̂ (B, C, H, W). ``drop`` (B,) bool marks captions replaced by the empty context."""
+        text, mask = self.encode(input_ids, attention_mask)  # (B, L, D), (B, L)
+        if drop is not None:
+            keep = ~drop.bool()  # (B,)
+            text, mask = text * keep[:, None, None], mask & keep[:, None]
+        return self.unet(x_t, t, text, mask)
+
+
+def null_context(batch: int, length: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unconditional context: zero tokens (B, L, D) with an all-False mask (B, L)."""
+    return torch.zeros(batch, length, width), torch.zeros(batch, length, dtype=torch.bool)
+
+
+def _check_prompts(prompts: str | Sequence[str], tokenizer: ShapesTokenizer) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given; pass e.g. 'two red circles above a blue square'")
+    for p in prompts:
+        if not isinstance(p, str):
+            raise TypeError(f"prompts must be str, got {type(p).__name__}")
+        if not p.strip():
+            raise ValueError("a prompt is empty; describe a scene, e.g. 'one large green triangle'")
+        unknown = tokenizer.unknown_words(p)
+        if unknown:
+            hints = "; ".join(f"{w!r} → try {', '.join(tokenizer.suggest(w))}" for w in unknown)
+            raise ValueError(f"prompt {p!r} uses words the tiny model never saw: {hints}")
+        if len(tokenizer.split(p)) + 1 > tokenizer.max_length:
+            raise ValueError(f"prompt {p!r} is longer than {tokenizer.max_length - 1} words; shorten it")
+    return prompts
+
+
+class Pipeline:
+    """Sample images for prompts from a `TextToImage` model.
+
+    ``guidance`` is the common classifier-free scale s in ε̂ = ε_u + s·(ε_c − ε_u):
+    0 = unconditional, 1 = conditional only (no guidance), Kandinsky 3's w = s − 1.
+    """
+
+    def __init__(self, model: TextToImage, tokenizer: ShapesTokenizer, diffusion: GaussianDiffusion,
+                 image_size: int = 32) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.diffusion = diffusion
+        self.image_size = image_size
+
+    @classmethod
+    def from_tiny(cls, name: str = "pixel_text") -> Pipeline:
+        """The shipped tiny model ``data/<name>.safetensors`` with its card's configs."""
+        card = weights.load_card(f"{name}.safetensors")
+        model = TextToImage(UNetConfig(**card["unet_config"]), T5Config(**card["t5_config"]))
+        model.load_state_dict(weights.load_tiny_state_dict(f"{name}.safetensors"))
+        recipe = card["recipe"]
+        betas = schedules.cosine_betas(1000) if recipe["schedule"] == "cosine" else schedules.linear_betas(1000)
+        tokenizer = ShapesTokenizer.from_shapes(max_length=recipe["max_length"])
+        return cls(model, tokenizer, GaussianDiffusion(betas), recipe["image_size"])
+
+    @torch.no_grad()
+    def encode(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts → (text tokens (B, L, D), mask (B, L)); raises on words outside the vocabulary."""
+        prompts = _check_prompts(prompts, self.tokenizer)
+        batch = self.tokenizer(prompts)
+        return self.model.encode(batch["input_ids"], batch["attention_mask"])
+
+    def eps_fn(self, text: torch.Tensor, mask: torch.Tensor, guidance: float,
+               negative: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """A ``model_fn(x_t, t) -> ε̂`` with guidance; both branches in one forward of batch 2B.
+
+        ``negative`` (tokens, mask) replaces the empty context as the unconditional branch.
+        """
+        B, L, D = text.shape
+        un_text, un_mask = negative if negative is not None else null_context(B, L, D)
+        unet = self.model.unet
+        if guidance == 1.0:  # no guidance: one branch is enough
+            return lambda x_t, t: unet(x_t, t, text, mask)
+        both_text, both_mask = torch.cat([un_text, text]), torch.cat([un_mask, mask])  # (2B, L, D), (2B, L)
+
+        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            eps = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), both_text, both_mask)  # (2B, C, H, W)
+            eps_u, eps_c = eps.chunk(2)
+            return cfg_eps(eps_u, eps_c, guidance)
+
+        return model_fn
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: str | Sequence[str],
+        steps: int = 50,
+        guidance: float = 4.0,
+        sampler: Literal["ddim", "ddpm"] = "ddim",
+        eta: float = 0.0,
+        seed: int = 0,
+        images_per_prompt: int = 1,
+        threshold: Literal["static", "dynamic", "none"] = "static",
+        percentile: float = 0.995,
+        max_value: float | None = None,
+        negative_prompt: str | None = None,
+        progress: bool = True,
+        return_trajectory: bool = False,
+    ):
+        """Images (B·images_per_prompt, 3, S, S) in [-1, 1], prompt-major order."""
+        check_sampling_args(steps, guidance, sampler, images_per_prompt, threshold)
+        prompts = _check_prompts(prompts, self.tokenizer)
+        prompts = [p for p in prompts for _ in range(images_per_prompt)]
+        text, mask = self.encode(prompts)
+        negative = None
+        if negative_prompt is not None:
+            neg_text, neg_mask = self.encode([negative_prompt])
+            negative = (neg_text.expand_as(text), neg_mask.expand_as(mask))
+        x0_fn = {"static": static_threshold, "none": None,
+                 "dynamic": lambda x0: dynamic_threshold(x0, percentile, max_value)}[threshold]
+        g = torch.Generator().manual_seed(seed)
+        shape = (len(prompts), self.model.unet.config.in_channels, self.image_size, self.image_size)
+        out = self.diffusion.sample(self.eps_fn(text, mask, guidance, negative), shape, num_steps=steps,
+                                    method=sampler, eta=eta, generator=g, x0_fn=x0_fn, progress=progress,
+                                    return_trajectory=return_trajectory)
+        return out if return_trajectory else out.clamp(-1, 1)
+
+
+def check_sampling_args(steps: int, guidance: float, sampler: str, images_per_prompt: int = 1,
+                        threshold: str = "static") -> None:
+    """Teaching errors for the sampling options (shared by the CLI)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps={steps!r} must be an int from 1 to {MAX_STEPS} (the model was trained with "
+                         f"T = {MAX_STEPS}); 50 DDIM steps is a good default")
+    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
+        raise ValueError(f"guidance={guidance!r} must be a number >= 0 (0 = unconditional, 1 = no guidance, "
+                         f"4 = the default; Kandinsky 3's w is guidance − 1)")
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"sampler={sampler!r} must be 'ddim' or 'ddpm'")
+    if isinstance(images_per_prompt, bool) or not isinstance(images_per_prompt, int) or images_per_prompt < 1:
+        raise ValueError(f"images_per_prompt={images_per_prompt!r} must be an int >= 1")
+    if threshold not in ("static", "dynamic", "none"):
+        raise ValueError(f"threshold={threshold!r} must be 'static', 'dynamic' or 'none'")
+
+
+def config_card(model: TextToImage) -> dict:
+    """The configs a card needs to rebuild ``model``."""
+    return {"unet_config": asdict(model.unet.config), "t5_config": asdict(model.t5.config)}
