@@ -41,6 +41,8 @@ __all__ = [
     "make_timesteps",
     "static_threshold",
     "dynamic_threshold",
+    "out_of_range",
+    "saturation",
     "cfg_eps",
     "kandinsky3_cfg_eps",
 ]
@@ -152,6 +154,50 @@ def dynamic_threshold(x0_hat: Tensor, percentile: float = 0.995, max_value: floa
     s = s[:, None]  # (B, 1)
     out = torch.clamp(flat, -s, s) / s  # (B, N) Imagen §2.3
     return out.reshape(x0_hat.shape).to(dtype)
+
+
+def _check_measured(x: Tensor, name: str) -> Tensor:
+    """Checks shared by the range measures; returns x as (B, N) float."""
+    _check_tensor(x, name)
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}; pass a batch of images (B, C, H, W) — one fraction per "
+            f"image — e.g. {name}[None] for a single image"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); there is nothing to measure")
+    if torch.isnan(x).any():
+        raise ValueError(f"{name} contains NaN: the sampler diverged; the range measures need finite or ±inf values")
+    return x.reshape(x.shape[0], -1)  # (B, N)
+
+
+def out_of_range(x: Tensor, limit: float = 1.0) -> Tensor:
+    r"""Per-sample fraction of values **outside** the image range: :math:`|x| > \text{limit}` (strictly).
+
+    Use it *before* any clamp — on x̂₀ or on the unclamped final sample of
+    ``sample(..., return_trajectory=True)`` — to see how far a sampler overshoots
+    [-1, 1]. A value exactly at ±limit is inside. (B, ...) -> (B,) in [0, 1].
+    """
+    flat = _check_measured(x, "x")
+    if not (limit > 0 and math.isfinite(limit)):
+        raise ValueError(f"limit={limit} must be a positive number; images live in [-1, 1]: use 1.0")
+    return (flat.abs() > limit).float().mean(dim=1)
+
+
+def saturation(images: Tensor, tol: float = 0.02) -> Tensor:
+    r"""Per-sample fraction of values pinned at the edge of [-1, 1] or beyond: :math:`|x| \ge 1 - \text{tol}`.
+
+    Meant for final images *after* the clamp to [-1, 1]: every value that
+    overshot is now exactly ±1, so this counts overshoot plus values that really
+    are extreme. ``tol=0`` counts only exact ±1 (and beyond); the default 0.02 is
+    about 2.5 levels of an 8-bit pixel. Compare with the training data: a world
+    of pure colours on black (the shapes) is fully saturated by design, natural
+    photos are not. (B, ...) -> (B,) in [0, 1].
+    """
+    flat = _check_measured(images, "images")
+    if not (0 <= tol < 1):
+        raise ValueError(f"tol={tol} must lie in [0, 1): the distance from ±1 that still counts as saturated, e.g. 0.02")
+    return (flat.abs() >= 1 - tol).float().mean(dim=1)
 
 
 # --------------------------------------------------------------------------- classifier-free guidance

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from kandlab import schedules, weights
+from kandlab.shapes import VOCABULARY
 from kandlab.diffusion import GaussianDiffusion, cfg_eps, dynamic_threshold, static_threshold
 from kandlab.t5 import T5Config, T5Encoder
 from kandlab.tokenizer import ShapesTokenizer
@@ -68,7 +69,7 @@ def null_context(batch: int, length: int, width: int) -> tuple[torch.Tensor, tor
     return torch.zeros(batch, length, width), torch.zeros(batch, length, dtype=torch.bool)
 
 
-def _check_prompts(prompts: str | Sequence[str], tokenizer: ShapesTokenizer) -> list[str]:
+def check_prompts(prompts: str | Sequence[str], tokenizer: ShapesTokenizer) -> list[str]:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompts given; pass e.g. 'two red circles above a blue square'")
@@ -79,8 +80,12 @@ def _check_prompts(prompts: str | Sequence[str], tokenizer: ShapesTokenizer) -> 
             raise ValueError("a prompt is empty; describe a scene, e.g. 'one large green triangle'")
         unknown = tokenizer.unknown_words(p)
         if unknown:
-            hints = "; ".join(f"{w!r} → try {', '.join(tokenizer.suggest(w))}" for w in unknown)
-            raise ValueError(f"prompt {p!r} uses words the tiny model never saw: {hints}")
+            hints = ", ".join(
+                f"{w!r} (did you mean {' / '.join(tokenizer.suggest(w))}?)" if tokenizer.suggest(w) else repr(w)
+                for w in unknown
+            )
+            raise ValueError(f"prompt {p!r} has words the tiny model never saw: {hints}. "
+                             f"It knows only: {' '.join(VOCABULARY)}")
         if len(tokenizer.split(p)) + 1 > tokenizer.max_length:
             raise ValueError(f"prompt {p!r} is longer than {tokenizer.max_length - 1} words; shorten it")
     return prompts
@@ -103,7 +108,11 @@ class Pipeline:
     @classmethod
     def from_tiny(cls, name: str = "pixel_text") -> Pipeline:
         """The shipped tiny model ``data/<name>.safetensors`` with its card's configs."""
+        weights.tiny_path(f"{name}.safetensors")  # missing or corrupted: says how to restore it
         card = weights.load_card(f"{name}.safetensors")
+        if "t5_config" not in card:
+            raise ValueError(f"data/{name} is not a text-to-image checkpoint (its card has no t5_config); "
+                             "use kandlab.train.load_tiny_unet for unconditional models")
         model = TextToImage(UNetConfig(**card["unet_config"]), T5Config(**card["t5_config"]))
         model.load_state_dict(weights.load_tiny_state_dict(f"{name}.safetensors"))
         recipe = card["recipe"]
@@ -114,7 +123,7 @@ class Pipeline:
     @torch.no_grad()
     def encode(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts → (text tokens (B, L, D), mask (B, L)); raises on words outside the vocabulary."""
-        prompts = _check_prompts(prompts, self.tokenizer)
+        prompts = check_prompts(prompts, self.tokenizer)
         batch = self.tokenizer(prompts)
         return self.model.encode(batch["input_ids"], batch["attention_mask"])
 
@@ -157,7 +166,7 @@ class Pipeline:
     ):
         """Images (B·images_per_prompt, 3, S, S) in [-1, 1], prompt-major order."""
         check_sampling_args(steps, guidance, sampler, images_per_prompt, threshold)
-        prompts = _check_prompts(prompts, self.tokenizer)
+        prompts = check_prompts(prompts, self.tokenizer)
         prompts = [p for p in prompts for _ in range(images_per_prompt)]
         text, mask = self.encode(prompts)
         negative = None

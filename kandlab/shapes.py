@@ -798,3 +798,66 @@ def unconditional_stats(images) -> dict[str, float]:
         "blobs": float(np.mean([len(blobs) for blobs, _ in per_image])),
         "colours": float(np.mean([len({b.colour for b in blobs}) for blobs, _ in per_image])),
     }
+
+
+# ---------------------------------------------------------------------------
+# 8. Diversity: how different are the samples of one prompt?
+# ---------------------------------------------------------------------------
+
+
+def diversity(images, groups: Sequence) -> float:
+    r"""Mean pairwise per-pixel distance between samples of the same prompt.
+
+    Args:
+        images: float tensor or array ``(N, 3, H, W)`` in [-1, 1].
+        groups: ``N`` hashable labels (e.g. the prompt of each image); images with
+            the same label are samples of one prompt drawn with different seeds.
+            Every group needs at least two images.
+
+    For a group of k images mapped to [0, 1], the distance of a pair is the mean
+    absolute difference over all pixels and channels,
+    :math:`d(a, b) = \frac{1}{3HW}\sum |a - b|`; the group's diversity is the mean of
+    d over its k(k-1)/2 pairs, and the result is the mean over groups (each prompt
+    weighs the same). 0 = every seed gave the same picture; 1 = black vs white.
+
+    Limits: it measures how much the *pixels* vary, not whether the variation is
+    meaningful. A one-pixel shift of a shape counts as much as a change of colour
+    of the same area, and a mostly black background keeps all values small, so
+    compare numbers only between samplers of the same model and prompts. Real
+    systems use perceptual or feature-space measures (LPIPS, recall, the Vendi score).
+    """
+    if isinstance(images, torch.Tensor):
+        arr = images.detach().cpu().float().numpy() if images.is_floating_point() else images.cpu().numpy()
+    elif isinstance(images, np.ndarray):
+        arr = images
+    else:
+        raise TypeError(f"images must be a tensor or array (N, 3, H, W), got {type(images).__name__}")
+    if arr.ndim != 4 or arr.shape[1] != 3:
+        raise ValueError(f"images has shape {tuple(arr.shape)}; expected a batch (N, 3, H, W)")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"images has dtype {arr.dtype}; expected floats in [-1, 1] (convert uint8 with x / 127.5 - 1)")
+    if arr.size and (not np.isfinite(arr).all() or arr.min() < -1.001 or arr.max() > 1.001):
+        raise ValueError("images must be finite and in [-1, 1]; clamp generated images with x.clamp(-1, 1)")
+    if isinstance(groups, str) or not isinstance(groups, Sequence):
+        raise TypeError(f"groups must be a list with one label per image, got {type(groups).__name__}")
+    if len(groups) != len(arr):
+        raise ValueError(f"got {len(arr)} images but {len(groups)} group labels; pass one label per image")
+    members: dict = {}
+    for i, label in enumerate(groups):
+        members.setdefault(label, []).append(i)
+    if not members:
+        raise ValueError("no images given")
+    lonely = [label for label, idx in members.items() if len(idx) < 2]
+    if lonely:
+        raise ValueError(
+            f"group {lonely[0]!r} has only one image; diversity compares samples of the same prompt, so draw "
+            "at least two per prompt (e.g. pipe(prompts, images_per_prompt=4))"
+        )
+    flat = (arr.reshape(len(arr), -1).astype(np.float64) + 1) / 2  # (N, 3HW) in [0, 1]
+    per_group = []
+    for idx in members.values():
+        x = flat[idx]  # (k, 3HW)
+        dist = np.abs(x[:, None, :] - x[None, :, :]).mean(axis=-1)  # (k, k), zero diagonal
+        k = len(idx)
+        per_group.append(dist.sum() / (k * (k - 1)))  # mean over ordered pairs = over unordered pairs
+    return float(np.mean(per_group))

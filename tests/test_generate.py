@@ -1,0 +1,52 @@
+"""`kandlab generate`: works offline on the shipped model; refuses bad input before sampling."""
+import pytest
+from PIL import Image
+
+from kandlab import cli, weights
+
+SHIPPED = "pixel_text.safetensors" in weights.read_manifest()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["two red cirles"], "did you mean circles"),
+    (["one purple dog"], "'dog'"),
+    ([""], "empty"),
+    (["one red circle", "--steps", "0"], "steps=0"),
+    (["one red circle", "--steps", "5000"], "1 to 1000"),
+    (["one red circle", "--guidance", "-2"], ">= 0"),
+    (["one red circle", "-n", "0"], "images_per_prompt"),
+    (["one red circle", "-o", "/nonexistent-folder/out.png"], "does not exist"),
+    (["one red circle", "-o", "out.txt"], "must end in"),
+])
+def test_bad_input_exits_2_with_a_message(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["generate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unwritable_folder_is_refused(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    import os
+    if os.access(locked, os.W_OK):  # root ignores permissions
+        pytest.skip("running as root: every folder is writable")
+    assert cli.main(["generate", "one red circle", "-o", str(locked / "x.png")]) == 2
+    assert "permission" in capsys.readouterr().err
+
+
+def test_missing_model_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KANDLAB_DATA", str(tmp_path))
+    assert cli.main(["generate", "one red circle", "-o", str(tmp_path / "x.png")]) == 2
+    assert "kandlab train" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not SHIPPED, reason="pixel_text not shipped yet")
+def test_generate_writes_an_image_and_a_grid(tmp_path, capsys):
+    one, grid = tmp_path / "one.png", tmp_path / "grid.png"
+    assert cli.main(["generate", "two red circles above a blue square", "-o", str(one), "--steps", "3"]) == 0
+    assert Image.open(one).size == (128, 128)
+    assert cli.main(["generate", "one green triangle", "-o", str(grid), "--steps", "2", "-n", "4",
+                     "--sampler", "ddpm", "--seed", "3", "--upscale", "1"]) == 0
+    assert Image.open(grid).size == (66, 66)  # 2×2 tiles of 32 px with a 2 px gap
+    assert "wrote" in capsys.readouterr().out

@@ -1,0 +1,82 @@
+"""The text-to-image pair and its sampling pipeline: guidance batching, the empty context, bad input."""
+import pytest
+import torch
+
+from kandlab.diffusion import GaussianDiffusion, cfg_eps
+from kandlab.pipeline import Pipeline, TextToImage, check_sampling_args, null_context
+from kandlab.schedules import cosine_betas
+from kandlab.t5 import T5Config
+from kandlab.tokenizer import ShapesTokenizer
+from kandlab.unet import UNetConfig
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    tok = ShapesTokenizer.from_shapes()
+    unet = UNetConfig.tiny_pixel(block_out_channels=(16, 32), attention_levels=(False, True), groups=8, head_dim=16,
+                                 time_embedding_dim=32, cross_attention_dim=32, encoder_hid_dim=32)
+    t5 = T5Config(**{**T5Config.tiny(tok.vocab_size).__dict__, "d_model": 32})
+    model = TextToImage(unet, t5)
+    for p in model.parameters():  # zero-initialised output layers would hide mistakes
+        p.data.normal_(0, 0.2)
+    return Pipeline(model, tok, GaussianDiffusion(cosine_betas(1000)))
+
+
+def test_guided_eps_is_one_batched_forward_of_both_branches(pipe):
+    text, mask = pipe.encode(["two red circles above a blue square", "one green triangle"])
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([900, 10])
+    eps_c = pipe.model.unet(x, t, text, mask)
+    eps_u = pipe.model.unet(x, t, *null_context(2, text.shape[1], text.shape[2]))
+    for s in (0.0, 1.0, 4.0):
+        assert torch.allclose(pipe.eps_fn(text, mask, s)(x, t), cfg_eps(eps_u, eps_c, s), atol=1e-5)
+    assert not torch.allclose(eps_c, eps_u, atol=1e-3)  # the text matters
+
+
+def test_condition_dropout_is_the_empty_context(pipe):
+    ids = pipe.tokenizer(["one red circle", "two blue squares"])
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([500, 500])
+    dropped = pipe.model(x, t, ids["input_ids"], ids["attention_mask"], drop=torch.tensor([True, False]))
+    kept = pipe.model(x, t, ids["input_ids"], ids["attention_mask"])
+    empty = pipe.model.unet(x, t, *null_context(2, 16, 32))
+    assert torch.allclose(dropped[0], empty[0], atol=1e-5) and torch.allclose(dropped[1], kept[1], atol=1e-5)
+
+
+def test_negative_prompt_replaces_the_unconditional_branch(pipe):
+    a = pipe("one red circle", steps=3, guidance=3.0, progress=False)
+    b = pipe("one red circle", steps=3, guidance=3.0, negative_prompt="one blue square", progress=False)
+    assert a.shape == b.shape == (1, 3, 32, 32) and not torch.allclose(a, b)
+    assert torch.equal(a, pipe("one red circle", steps=3, guidance=3.0, progress=False))  # seeded
+
+
+def test_images_per_prompt_are_prompt_major_and_differ(pipe):
+    images = pipe(["one red circle", "one blue square"], steps=2, images_per_prompt=2, progress=False)
+    assert images.shape == (4, 3, 32, 32) and not torch.allclose(images[0], images[1])
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("", "empty"),
+    ("   ", "empty"),
+    ("two red cirles", "did you mean circles"),
+    ("one purple dog", "'dog'"),
+    ([], "no prompts"),
+])
+def test_bad_prompts_are_refused_with_a_hint(pipe, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(prompt, steps=2, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(steps=0), "steps=0"), (dict(steps=1001), "1 to 1000"), (dict(steps=2.5), "int"),
+    (dict(guidance=-1.0), ">= 0"), (dict(guidance=float("nan")), ">= 0"), (dict(sampler="euler"), "ddim"),
+    (dict(images_per_prompt=0), "images_per_prompt"), (dict(threshold="soft"), "threshold"),
+])
+def test_bad_sampling_options_are_refused(kwargs, message):
+    args = dict(steps=10, guidance=4.0, sampler="ddim", images_per_prompt=1, threshold="static") | kwargs
+    with pytest.raises(ValueError, match=message):
+        check_sampling_args(**args)
+
+
+def test_text_width_must_match():
+    with pytest.raises(ValueError, match="encoder_hid_dim"):
+        TextToImage(UNetConfig.tiny_pixel(), T5Config(**{**T5Config.tiny().__dict__, "d_model": 32}))
