@@ -93,7 +93,7 @@ def pixel_text() -> Recipe:
         text=T5Config.tiny(vocab_size=ShapesTokenizer.from_shapes().vocab_size),
         steps=6000,
         num_images=50_000,
-        threads=2,
+        threads=1,  # one dedicated core: lessons and tests ran on the other one meanwhile
         sample_every=500,
         description="Text-conditioned tiny Kandinsky-3 UNet + jointly trained tiny T5 on 32×32 captioned "
                     "shapes, 10% condition dropout (lessons 04-06).",

@@ -403,3 +403,425 @@ def cross_attention_widget(images: torch.Tensor, maps_per_t: dict[int, list[tupl
     box = widgets.VBox([widgets.HBox([token, t_pick]), out])
     display(box)
     return box
+
+
+# ---------------------------------------------------------------------------
+# Lesson 05: classifier-free guidance
+
+_CATEGORIES = ("colour", "shape", "count", "position", "overall")
+
+
+def _score_line(score: dict[str, float]) -> str:
+    """'colour 0.88 · shape 0.75 · …' with '—' for a category that does not apply (nan)."""
+    return " · ".join(f"{k} {'—' if np.isnan(score[k]) else f'{score[k]:.2f}'}" for k in _CATEGORIES)
+
+
+def plot_rows(rows: dict[str, torch.Tensor], col_titles: Sequence[str] | None = None, size: float = 1.2,
+              suptitle: str | None = None) -> plt.Figure:
+    """Rows of images side by side, each labelled on the left, e.g. the same seeds under
+    different guidance. ``rows`` maps a label to images (N, C, H, W) in [-1, 1]; all rows
+    have the same N. ``col_titles`` (N strings, e.g. the prompts) are wrapped above the first row."""
+    import textwrap
+
+    if not rows:
+        raise ValueError("rows is empty; pass e.g. {'s = 0': images, 's = 1': images}")
+    ncols = {len(images) for images in rows.values()}
+    if len(ncols) != 1:
+        raise ValueError(f"every row needs the same number of images, got {sorted(ncols)}")
+    (ncols,) = ncols
+    if col_titles is not None and len(col_titles) != ncols:
+        raise ValueError(f"got {len(col_titles)} column titles for {ncols} columns")
+    top = 0.55 if col_titles is not None else 0.0
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(size * ncols + 0.9, size * len(rows) + top + 0.3),
+                             squeeze=False)
+    for r, (label, images) in enumerate(rows.items()):
+        for c in range(ncols):
+            ax = axes[r, c]
+            ax.imshow(to_image(images[c]), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+            if r == 0 and col_titles is not None:
+                ax.set_title("\n".join(textwrap.wrap(col_titles[c], 16)), fontsize=6)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_guidance_sweep(scales: Sequence[float], scores: Sequence[dict[str, float]],
+                        diversities: Sequence[float], title: str = "") -> plt.Figure:
+    """ShapesBench per category (left) and sample diversity (right) against the guidance scale s."""
+    if not (len(scales) == len(scores) == len(diversities)) or len(scales) == 0:
+        raise ValueError("scales, scores and diversities must be non-empty and of the same length")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for k in _CATEGORIES:
+        left.plot(scales, [s[k] for s in scores], "o-", lw=2.5 if k == "overall" else 1.2,
+                  color="black" if k == "overall" else None, label=k, ms=4)
+    left.set(xlabel="guidance scale s", ylabel="ShapesBench accuracy", ylim=(-0.03, 1.03),
+             title="fidelity: ShapesBench per category")
+    left.axvline(1.0, color="grey", ls=":", lw=1)
+    left.legend(fontsize=8, ncol=2)
+    right.plot(scales, diversities, "o-", color="tab:purple")
+    right.set(xlabel="guidance scale s", ylabel="mean pairwise |Δpixel| (0–1)", ylim=(0, None),
+              title="diversity: same prompt, different seeds")
+    right.axvline(1.0, color="grey", ls=":", lw=1)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_guidance_grid(images: torch.Tensor, prompt: str, scale: float, score: dict[str, float],
+                       ncols: int = 8) -> plt.Figure:
+    """One prompt's samples (different seeds) at one guidance scale, with their ShapesBench score."""
+    fig = show_images(images, ncols=ncols, size=1.2)
+    fig.suptitle(f"{prompt!r} · s = {scale:g}\n{_score_line(score)}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def guidance_widget(pipe, prompts: Sequence[str], scales: Sequence[float] = (0, 1, 2, 3, 4, 6, 8, 10, 15),
+                    n: int = 8, steps: int = 10, seed: int = 0):
+    """Pick a prompt and a guidance scale; see ``n`` seeds sampled with it and their ShapesBench score.
+
+    Samples use DDIM with ``steps`` steps and the same seed at every scale, so moving the
+    slider changes only the guidance. Each (prompt, scale) is sampled once and cached.
+    """
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    from kandlab import shapes
+
+    if not prompts or not scales:
+        raise ValueError("give at least one prompt and one guidance scale")
+    cache: dict[tuple[str, float], tuple[torch.Tensor, dict[str, float]]] = {}
+    prompt = widgets.Dropdown(options=list(prompts), description="prompt", layout=widgets.Layout(width="520px"))
+    scale = widgets.SelectionSlider(options=list(scales), value=min(scales, key=lambda s: abs(s - 4)),
+                                    description="guidance s", continuous_update=False)
+    out = widgets.Output()
+
+    def redraw(*_):
+        key = (prompt.value, scale.value)
+        if key not in cache:
+            images = pipe([prompt.value], steps=steps, guidance=float(scale.value), seed=seed,
+                          images_per_prompt=n, progress=False)
+            cache[key] = images, shapes.score(images, [prompt.value] * n)
+        with out:
+            out.clear_output(wait=True)
+            _show(plot_guidance_grid(cache[key][0], prompt.value, scale.value, cache[key][1]))
+
+    prompt.observe(redraw, names="value")
+    scale.observe(redraw, names="value")
+    redraw()
+    box = widgets.VBox([widgets.HBox([prompt, scale]), out])
+    display(box)
+    return box
+
+
+# ---------------------------------------------------------------------------
+# Lesson 04: T5 text conditioning
+
+
+def plot_position_buckets(num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = True,
+                          bias: torch.Tensor | None = None, bias_max_distance: int = 128,
+                          seen: int | None = None, distance: int = 150) -> plt.Figure:
+    """T5's relative-position buckets for distances −distance..distance, and a learned bias table.
+
+    Left: bucket index vs ``key − query`` for the given ``num_buckets`` / ``max_distance``.
+    Right (when ``bias`` (buckets, heads) is given): the bias each head adds to the attention
+    score of a key at that distance, using the table's own bucketing (``bias.shape[0]`` buckets,
+    ``bias_max_distance``, bidirectional). ``seen`` shades the distances training ever used.
+    """
+    from kandlab.t5 import relative_position_bucket
+
+    if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or num_buckets < 4 or num_buckets % 2:
+        raise ValueError(f"num_buckets must be an even int ≥ 4, got {num_buckets!r}")
+    exact = num_buckets // 4 if bidirectional else num_buckets // 2
+    if not isinstance(max_distance, int) or max_distance <= exact:
+        raise ValueError(f"max_distance={max_distance!r} must be an int larger than the exact range ({exact} "
+                         f"= num_buckets/{4 if bidirectional else 2}), or the log-spaced buckets have no room")
+    if bias is not None and (bias.ndim != 2 or bias.shape[0] % 2):
+        raise ValueError(f"bias must be a (buckets, heads) table with an even number of buckets, got {tuple(bias.shape)}")
+    rel = torch.arange(-distance, distance + 1)
+    buckets = relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
+    ncols = 1 if bias is None else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 3.0), squeeze=False)
+    ax = axes[0, 0]
+    ax.step(rel.numpy(), buckets.numpy(), where="mid", lw=1.2)
+    for x in (-max_distance, max_distance):
+        if abs(x) <= distance:
+            ax.axvline(x, color="gray", ls=":", lw=0.8)
+    ax.axvspan(-exact + 0.5, exact - 0.5, color="tab:green", alpha=0.12, label=f"exact: |d| < {exact}")
+    ax.set(xlabel="relative position d = key − query", ylabel="bucket index",
+           title=f"{num_buckets} buckets, max_distance {max_distance}, "
+                 f"{'bidirectional' if bidirectional else 'causal'}")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc="upper left")
+    if bias is not None:
+        ax = axes[0, 1]
+        table_buckets = relative_position_bucket(rel, True, bias.shape[0], bias_max_distance)  # (2·distance+1,)
+        values = bias.detach().float()[table_buckets]  # (2·distance+1, heads)
+        for h in range(values.shape[1]):
+            ax.plot(rel.numpy(), values[:, h].numpy(), lw=1.1, label=f"head {h}")
+        if seen is not None:
+            ax.axvspan(-seen, seen, color="tab:orange", alpha=0.12, label=f"seen in training: |d| ≤ {seen}")
+        ax.axhline(0, color="gray", lw=0.6)
+        ax.set(xlabel="relative position d = key − query", ylabel="bias added to the score",
+               title=f"learned bias table ({bias.shape[0]} buckets, max_distance {bias_max_distance})")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7, ncol=2, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def position_bucket_widget(bias: torch.Tensor | None = None, bias_max_distance: int = 128, seen: int | None = None):
+    """Sliders for ``num_buckets`` and ``max_distance`` and a bidirectional checkbox (see `plot_position_buckets`)."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    num_buckets = widgets.IntSlider(value=32, min=4, max=64, step=2, description="num_buckets", continuous_update=False)
+    max_distance = widgets.IntSlider(value=128, min=2, max=256, description="max_distance", continuous_update=False)
+    bidirectional = widgets.Checkbox(value=True, description="bidirectional")
+    out = widgets.Output()
+
+    def redraw(*_):
+        with out:
+            out.clear_output(wait=True)
+            try:
+                fig = plot_position_buckets(num_buckets.value, max_distance.value, bidirectional.value,
+                                            bias, bias_max_distance, seen)
+            except ValueError as error:
+                print(f"⚠ {error}")
+                return
+            _show(fig)
+
+    for w in (num_buckets, max_distance, bidirectional):
+        w.observe(redraw, names="value")
+    redraw()
+    box = widgets.VBox([widgets.HBox([num_buckets, max_distance, bidirectional]), out])
+    display(box)
+    return box
+
+
+def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every row of ``a`` (La, D) with every row of ``b`` (Lb, D) → (La, Lb)."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"expected two (L, D) matrices of the same width D, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = torch.nn.functional.normalize(a.float(), dim=-1), torch.nn.functional.normalize(b.float(), dim=-1)
+    return a @ b.T
+
+
+def plot_token_similarity(panels: dict[str, torch.Tensor], tokens_a: Sequence[str], tokens_b: Sequence[str]) -> plt.Figure:
+    """Heat maps of token-by-token cosine similarity, one per encoder: ``{title: (La, Lb)}``."""
+    if not panels:
+        raise ValueError("give at least one panel: {'encoder name': similarity (La, Lb)}")
+    for title, sim in panels.items():
+        if tuple(sim.shape) != (len(tokens_a), len(tokens_b)):
+            raise ValueError(f"panel {title!r} has shape {tuple(sim.shape)}, but there are "
+                             f"{len(tokens_a)} × {len(tokens_b)} tokens")
+    n = len(panels)
+    side = 0.34
+    fig, axes = plt.subplots(1, n, figsize=(n * (len(tokens_b) * side + 1.6), len(tokens_a) * side + 1.4), squeeze=False)
+    for ax, (title, sim) in zip(axes[0], panels.items()):
+        im = ax.imshow(sim.detach().numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.set_xticks(range(len(tokens_b)), tokens_b, rotation=90, fontsize=8)
+        ax.set_yticks(range(len(tokens_a)), tokens_a, fontsize=8)
+        for i in range(len(tokens_a)):
+            for j in range(len(tokens_b)):
+                ax.text(j, i, f"{float(sim[i, j]):.1f}".replace("0.", "."), ha="center", va="center", fontsize=5.5,
+                        color="white" if abs(float(sim[i, j])) > 0.6 else "black")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    fig.tight_layout()
+    return fig
+
+
+def token_similarity_widget(encoders: dict, prompt_a: str, prompt_b: str):
+    """Two prompts → token-by-token cosine similarity of their encodings, for each encoder.
+
+    ``encoders`` maps a name to ``encode(prompt) -> (tokens list[str], encodings (L, D))``;
+    an ``encode`` that raises ``ValueError`` (e.g. an unknown word) shows its message.
+    """
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    text_a = widgets.Text(value=prompt_a, description="prompt A", continuous_update=False,
+                          layout=widgets.Layout(width="420px"))
+    text_b = widgets.Text(value=prompt_b, description="prompt B", continuous_update=False,
+                          layout=widgets.Layout(width="420px"))
+    out = widgets.Output()
+
+    def redraw(*_):
+        with out:
+            out.clear_output(wait=True)
+            try:
+                panels, tokens = {}, None
+                for name, encode in encoders.items():
+                    tokens_a, enc_a = encode(text_a.value)
+                    tokens_b, enc_b = encode(text_b.value)
+                    panels[name] = cosine_similarity_matrix(enc_a, enc_b)
+                    tokens = (tokens_a, tokens_b)
+            except ValueError as error:
+                print(f"⚠ {error}")
+                return
+            _show(plot_token_similarity(panels, *tokens))
+
+    text_a.observe(redraw, names="value")
+    text_b.observe(redraw, names="value")
+    redraw()
+    box = widgets.VBox([text_a, text_b, out])
+    display(box)
+    return box
+
+
+def prompt_grid_widget(generate, prompt: str, button_text: str = "generate"):
+    """A prompt box and a button; ``generate(prompt) -> (images (N, 3, H, W), titles)`` fills a grid.
+
+    Nothing is generated until the button is pressed; a ``ValueError`` (e.g. a word the model
+    never saw) shows its message instead of a traceback.
+    """
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    text = widgets.Text(value=prompt, description="prompt", layout=widgets.Layout(width="420px"))
+    button = widgets.Button(description=button_text)
+    out = widgets.Output()
+
+    def run(*_):
+        with out:
+            out.clear_output(wait=True)
+            try:
+                images, titles = generate(text.value)
+            except ValueError as error:
+                print(f"⚠ {error}")
+                return
+            _show(show_images(images, titles, ncols=len(images), size=1.6, suptitle=text.value))
+
+    button.on_click(run)
+    box = widgets.VBox([widgets.HBox([text, button]), out])
+    display(box)
+    return box
+
+
+# ---------------------------------------------------------------------------
+# Lesson 06: thresholding
+
+
+def threshold_label(method: str, percentile: float | None = None) -> str:
+    """'none', 'static' or 'dynamic 0.995' — the name of a thresholding setting."""
+    return f"dynamic {percentile:g}" if method == "dynamic" else method
+
+
+def plot_value_histogram(ax: plt.Axes, values: torch.Tensor, label: str, span: float = 4.0,
+                         color: str = "C0") -> float:
+    """Histogram of all values of a tensor on ``ax``, with the ±1 image range marked.
+
+    Values beyond ±``span`` are piled into the two edge bins so a fixed axis still shows them.
+    The y axis is logarithmic. Returns the in-range fraction (|x| ≤ 1).
+    """
+    v = values.detach().float().flatten().cpu().numpy()
+    inside = float(np.mean(np.abs(v) <= 1.0))
+    ax.hist(np.clip(v, -span, span), bins=np.linspace(-span, span, 81), color=color, alpha=0.8, log=True)
+    for edge in (-1.0, 1.0):
+        ax.axvline(edge, color="k", ls="--", lw=1)
+    ax.set_xlim(-span, span)
+    ax.set_title(f"{label}\n{inside:.1%} in [-1, 1]", fontsize=8)
+    ax.tick_params(labelsize=7)
+    return inside
+
+
+def plot_threshold_run(run: dict, title: str = "", n: int = 8) -> plt.Figure:
+    """One sampling run: ``n`` final images above two histograms (x̂₀ before thresholding, all
+    steps; final sample before the clamp).
+
+    ``run`` holds ``images`` (B, 3, H, W) clamped, ``x0_raw`` (steps, B, 3, H, W) the model's x̂₀
+    before any threshold, ``final`` (B, 3, H, W) unclamped, and ``overall`` (ShapesBench).
+    """
+    images = run["images"]
+    n = min(n, images.shape[0])
+    fig = plt.figure(figsize=(1.2 * max(n, 6), 4.0))
+    grid = fig.add_gridspec(2, n, height_ratios=[1, 1.5])
+    for j in range(n):
+        ax = fig.add_subplot(grid[0, j])
+        ax.imshow(to_image(images[j]), interpolation="nearest")
+        ax.axis("off")
+    half = n // 2
+    plot_value_histogram(fig.add_subplot(grid[1, :half]), run["x0_raw"], "x̂₀ before thresholding (all steps)")
+    plot_value_histogram(fig.add_subplot(grid[1, half:]), run["final"], "final sample before the clamp", color="C1")
+    fig.suptitle(f"{title}   ShapesBench overall {run['overall']:.2f}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _mosaic(images: torch.Tensor, n: int) -> np.ndarray:
+    """The first n images (n a square number) tiled into one (H·k, W·k, 3) array, k = √n."""
+    k = int(round(n**0.5))
+    tiles = [to_image(images[i]) for i in range(min(n, images.shape[0]))]
+    tiles += [np.ones_like(tiles[0])] * (k * k - len(tiles))
+    return np.concatenate([np.concatenate(tiles[r * k:(r + 1) * k], axis=1) for r in range(k)], axis=0)
+
+
+def plot_threshold_grid(runs: dict[tuple[str, float | None, float], dict], n: int = 4) -> plt.Figure:
+    """Rows: thresholding settings; columns: guidance scales; each cell the first ``n`` images.
+
+    ``runs`` maps ``(method, percentile or None, guidance)`` to a run dict as in `plot_threshold_run`.
+    """
+    rows = sorted({(m, p) for m, p, _ in runs}, key=lambda mp: (["none", "static", "dynamic"].index(mp[0]), mp[1] or 0))
+    cols = sorted({s for _, _, s in runs})
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.7 * len(cols) + 0.8, 1.75 * len(rows)), squeeze=False)
+    for i, (m, p) in enumerate(rows):
+        for j, s in enumerate(cols):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            run = runs.get((m, p, s))
+            if run is None:
+                ax.axis("off")
+                continue
+            ax.imshow(_mosaic(run["images"], n), interpolation="nearest")
+            ax.set_title(f"s={s:g}: overall {run['overall']:.2f}", fontsize=7)
+            if j == 0:
+                ax.set_ylabel(threshold_label(m, p), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def thresholding_widget(runs: dict[tuple[str, float | None, float], dict], n: int = 8):
+    """Method toggle × percentile slider × guidance slider over pre-computed runs (see `plot_threshold_grid`).
+
+    Every setting is sampled beforehand, so a redraw only draws. The percentile slider applies to
+    dynamic thresholding only.
+    """
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    methods = [m for m in ("none", "static", "dynamic") if any(k[0] == m for k in runs)]
+    percentiles = sorted({p for m, p, _ in runs if m == "dynamic"}) or [None]
+    guidances = sorted({s for _, _, s in runs})
+    method = widgets.ToggleButtons(options=methods, value=methods[-1], description="threshold")
+    percentile = widgets.SelectionSlider(options=percentiles, value=percentiles[-1], description="percentile",
+                                         continuous_update=False)
+    guidance = widgets.SelectionSlider(options=guidances, value=guidances[-1], description="guidance s",
+                                       continuous_update=False)
+    out = widgets.Output()
+
+    def redraw(*_):
+        percentile.disabled = method.value != "dynamic"
+        p = percentile.value if method.value == "dynamic" else None
+        key = (method.value, p, guidance.value)
+        with out:
+            out.clear_output(wait=True)
+            if key not in runs:
+                print(f"no run for {threshold_label(method.value, p)} at s={guidance.value:g}")
+                return
+            _show(plot_threshold_run(runs[key], f"{threshold_label(method.value, p)}, s={guidance.value:g}", n))
+
+    for w in (method, percentile, guidance):
+        w.observe(redraw, names="value")
+    redraw()
+    box = widgets.VBox([method, widgets.HBox([percentile, guidance]), out])
+    display(box)
+    return box

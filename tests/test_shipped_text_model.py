@@ -1,0 +1,59 @@
+"""The shipped text-to-image model is the real architecture: its UNet runs in diffusers' Kandinsky3UNet
+and its T5 in transformers' T5EncoderModel, with the same outputs."""
+import pytest
+import torch
+
+from kandlab import weights
+
+pytestmark = pytest.mark.skipif("pixel_text.safetensors" not in weights.read_manifest(),
+                                reason="pixel_text not shipped yet")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from kandlab.pipeline import Pipeline
+
+    return Pipeline.from_tiny("pixel_text")
+
+
+def test_shipped_unet_matches_diffusers(pipe):
+    from diffusers import Kandinsky3UNet
+
+    cfg = pipe.model.unet.config
+    theirs = Kandinsky3UNet(
+        in_channels=cfg.in_channels, time_embedding_dim=cfg.time_embedding_dim, groups=cfg.groups,
+        attention_head_dim=cfg.head_dim, layers_per_block=cfg.layers_per_block,
+        block_out_channels=cfg.block_out_channels, cross_attention_dim=cfg.cross_attention_dim,
+        encoder_hid_dim=cfg.encoder_hid_dim,
+    ).eval()
+    theirs.load_state_dict(pipe.model.unet.to_diffusers_state_dict(), strict=True)
+    text, mask = pipe.encode(["two red circles above a blue square", "one large green triangle"])
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([700, 40])
+    with torch.no_grad():
+        ours = pipe.model.unet(x, t, text, mask)
+        ref = theirs(x, t, encoder_hidden_states=text, encoder_attention_mask=mask.long()).sample
+    assert (ours - ref).abs().max() <= 1e-5
+
+
+def test_shipped_t5_matches_transformers(pipe):
+    from transformers import T5Config, T5EncoderModel
+
+    c = pipe.model.t5.config
+    hf = T5EncoderModel(T5Config(vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, num_heads=c.num_heads,
+                                 num_layers=c.num_layers, d_ff=c.d_ff, feed_forward_proj=c.feed_forward,
+                                 relative_attention_num_buckets=c.relative_attention_num_buckets,
+                                 relative_attention_max_distance=c.relative_attention_max_distance,
+                                 layer_norm_epsilon=c.layer_norm_eps, dropout_rate=0.0)).eval()
+    hf.load_state_dict(pipe.model.t5.to_transformers_state_dict(), strict=True)
+    batch = pipe.tokenizer(["two red circles above a blue square", "one circle"])
+    with torch.no_grad():
+        ours = pipe.model.t5(batch["input_ids"], batch["attention_mask"])
+        ref = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    assert (ours - ref).abs().max() <= 1e-5
+
+
+def test_card_reports_shapesbench_on_at_least_500_prompts():
+    card = weights.load_card("pixel_text.safetensors")
+    assert card["score"]["prompts"] >= 500
+    for key in ("colour", "shape", "count", "position", "overall"):
+        assert 0.0 <= card["score"][f"shapesbench_{key}"] <= 1.0
