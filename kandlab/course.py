@@ -268,7 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "execute":
         names = argv[1:] or [s.name for s, _ in _pairs()]
         for name in names:
-            path = REPO / "solutions" / Path(name).name
+            path = (REPO / "solutions" / Path(name).name).with_suffix(".ipynb")  # "04_x" or "04_x.ipynb"
+            if not path.exists():
+                known = ", ".join(s.stem for s, _ in _pairs())
+                print(f"no solution {path.name}; choose one of: {known}", file=sys.stderr)
+                return 2
             print(f"{path.name}: {execute(path):.1f} s")
         build()
         return 0

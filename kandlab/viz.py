@@ -477,7 +477,14 @@ def plot_guidance_sweep(scales: Sequence[float], scores: Sequence[dict[str, floa
 def plot_guidance_grid(images: torch.Tensor, prompt: str, scale: float, score: dict[str, float],
                        ncols: int = 8) -> plt.Figure:
     """One prompt's samples (different seeds) at one guidance scale, with their ShapesBench score."""
-    fig = show_images(images, ncols=ncols, size=1.2)
+    n = len(images)
+    ncols = min(ncols, n)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.3 * ncols, 1.3 * nrows + 0.6), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(to_image(images[i]), interpolation="nearest")
     fig.suptitle(f"{prompt!r} · s = {scale:g}\n{_score_line(score)}", fontsize=9)
     fig.tight_layout()
     return fig
@@ -527,13 +534,14 @@ def guidance_widget(pipe, prompts: Sequence[str], scales: Sequence[float] = (0, 
 
 def plot_position_buckets(num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = True,
                           bias: torch.Tensor | None = None, bias_max_distance: int = 128,
-                          seen: int | None = None, distance: int = 150) -> plt.Figure:
+                          seen: int | None = None, distance: int = 150, bias_distance: int = 40) -> plt.Figure:
     """T5's relative-position buckets for distances −distance..distance, and a learned bias table.
 
     Left: bucket index vs ``key − query`` for the given ``num_buckets`` / ``max_distance``.
     Right (when ``bias`` (buckets, heads) is given): the bias each head adds to the attention
     score of a key at that distance, using the table's own bucketing (``bias.shape[0]`` buckets,
-    ``bias_max_distance``, bidirectional). ``seen`` shades the distances training ever used.
+    ``bias_max_distance``, bidirectional), for −bias_distance..bias_distance. ``seen`` shades the
+    distances training ever used.
     """
     from kandlab.t5 import relative_position_bucket
 
@@ -548,13 +556,14 @@ def plot_position_buckets(num_buckets: int = 32, max_distance: int = 128, bidire
     rel = torch.arange(-distance, distance + 1)
     buckets = relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
     ncols = 1 if bias is None else 2
-    fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols + 1.2 * (ncols - 1), 3.0), squeeze=False)
     ax = axes[0, 0]
     ax.step(rel.numpy(), buckets.numpy(), where="mid", lw=1.2)
     for x in (-max_distance, max_distance):
         if abs(x) <= distance:
             ax.axvline(x, color="gray", ls=":", lw=0.8)
-    ax.axvspan(-exact + 0.5, exact - 0.5, color="tab:green", alpha=0.12, label=f"exact: |d| < {exact}")
+    exact_span = (-exact + 0.5, exact - 0.5) if bidirectional else (-exact + 0.5, 0.5)  # causal: only d ≤ 0
+    ax.axvspan(*exact_span, color="tab:green", alpha=0.12, label=f"exact: |d| < {exact}")
     ax.set(xlabel="relative position d = key − query", ylabel="bucket index",
            title=f"{num_buckets} buckets, max_distance {max_distance}, "
                  f"{'bidirectional' if bidirectional else 'causal'}")
@@ -562,17 +571,18 @@ def plot_position_buckets(num_buckets: int = 32, max_distance: int = 128, bidire
     ax.legend(fontsize=7, loc="upper left")
     if bias is not None:
         ax = axes[0, 1]
-        table_buckets = relative_position_bucket(rel, True, bias.shape[0], bias_max_distance)  # (2·distance+1,)
-        values = bias.detach().float()[table_buckets]  # (2·distance+1, heads)
+        near = torch.arange(-bias_distance, bias_distance + 1)
+        table_buckets = relative_position_bucket(near, True, bias.shape[0], bias_max_distance)  # (2·bias_distance+1,)
+        values = bias.detach().float()[table_buckets]  # (2·bias_distance+1, heads)
         for h in range(values.shape[1]):
-            ax.plot(rel.numpy(), values[:, h].numpy(), lw=1.1, label=f"head {h}")
+            ax.step(near.numpy(), values[:, h].numpy(), where="mid", lw=1.1, label=f"head {h}")
         if seen is not None:
             ax.axvspan(-seen, seen, color="tab:orange", alpha=0.12, label=f"seen in training: |d| ≤ {seen}")
         ax.axhline(0, color="gray", lw=0.6)
         ax.set(xlabel="relative position d = key − query", ylabel="bias added to the score",
                title=f"learned bias table ({bias.shape[0]} buckets, max_distance {bias_max_distance})")
         ax.title.set_fontsize(9)
-        ax.legend(fontsize=7, ncol=2, loc="lower left")
+        ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return fig
 
@@ -631,7 +641,7 @@ def plot_token_similarity(panels: dict[str, torch.Tensor], tokens_a: Sequence[st
         ax.set_yticks(range(len(tokens_a)), tokens_a, fontsize=8)
         for i in range(len(tokens_a)):
             for j in range(len(tokens_b)):
-                ax.text(j, i, f"{float(sim[i, j]):.1f}".replace("0.", "."), ha="center", va="center", fontsize=5.5,
+                ax.text(j, i, f"{float(sim[i, j]):.1f}", ha="center", va="center", fontsize=5.5,
                         color="white" if abs(float(sim[i, j])) > 0.6 else "black")
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
@@ -722,12 +732,18 @@ def plot_value_histogram(ax: plt.Axes, values: torch.Tensor, label: str, span: f
     Values beyond ±``span`` are piled into the two edge bins so a fixed axis still shows them.
     The y axis is logarithmic. Returns the in-range fraction (|x| ≤ 1).
     """
+    from matplotlib.ticker import LogLocator, NullLocator
+
     v = values.detach().float().flatten().cpu().numpy()
     inside = float(np.mean(np.abs(v) <= 1.0))
-    ax.hist(np.clip(v, -span, span), bins=np.linspace(-span, span, 81), color=color, alpha=0.8, log=True)
+    ax.hist(np.clip(v, -span, span), bins=np.linspace(-span, span, 81), color=color, alpha=0.8, log=True,
+            histtype="stepfilled")
     for edge in (-1.0, 1.0):
         ax.axvline(edge, color="k", ls="--", lw=1)
     ax.set_xlim(-span, span)
+    ax.set_ylim(0.7, max(10.0, 2.0 * len(v)))  # the same decades on every panel
+    ax.yaxis.set_major_locator(LogLocator(numticks=4))
+    ax.yaxis.set_minor_locator(NullLocator())  # minor log ticks make drawing slow
     ax.set_title(f"{label}\n{inside:.1%} in [-1, 1]", fontsize=8)
     ax.tick_params(labelsize=7)
     return inside
@@ -778,13 +794,13 @@ def plot_threshold_grid(runs: dict[tuple[str, float | None, float], dict], n: in
             ax.set_xticks([])
             ax.set_yticks([])
             run = runs.get((m, p, s))
-            if run is None:
-                ax.axis("off")
+            if run is None:  # hide the frame but keep the axis, so a row label still shows
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
                 continue
             ax.imshow(_mosaic(run["images"], n), interpolation="nearest")
             ax.set_title(f"s={s:g}: overall {run['overall']:.2f}", fontsize=7)
-            if j == 0:
-                ax.set_ylabel(threshold_label(m, p), fontsize=8)
+        axes[i, 0].set_ylabel(threshold_label(m, p), fontsize=8)
     fig.tight_layout()
     return fig
 
