@@ -91,7 +91,7 @@ def pixel_text() -> Recipe:
         name="pixel_text",
         unet=UNetConfig.tiny_pixel(),
         text=T5Config.tiny(vocab_size=ShapesTokenizer.from_shapes().vocab_size),
-        steps=6000,
+        steps=3000,  # what fitted in one session on one core (see the card); the LR is constant, so more steps continue the same run
         num_images=50_000,
         threads=1,  # one dedicated core: lessons and tests ran on the other one meanwhile
         sample_every=500,
