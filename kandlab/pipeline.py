@@ -80,10 +80,9 @@ def check_prompts(prompts: str | Sequence[str], tokenizer: ShapesTokenizer) -> l
             raise ValueError("a prompt is empty; describe a scene, e.g. 'one large green triangle'")
         unknown = tokenizer.unknown_words(p)
         if unknown:
-            hints = ", ".join(
-                f"{w!r} (did you mean {' / '.join(tokenizer.suggest(w))}?)" if tokenizer.suggest(w) else repr(w)
-                for w in unknown
-            )
+            suggestions = {w: tokenizer.suggest(w) for w in unknown}
+            hints = ", ".join(f"{w!r} (did you mean {' / '.join(near)}?)" if near else repr(w)
+                              for w, near in suggestions.items())
             raise ValueError(f"prompt {p!r} has words the tiny model never saw: {hints}. "
                              f"It knows only: {' '.join(VOCABULARY)}")
         if len(tokenizer.split(p)) + 1 > tokenizer.max_length:
@@ -116,14 +115,15 @@ class Pipeline:
         model = TextToImage(UNetConfig(**card["unet_config"]), T5Config(**card["t5_config"]))
         model.load_state_dict(weights.load_tiny_state_dict(f"{name}.safetensors"))
         recipe = card["recipe"]
-        betas = schedules.cosine_betas(1000) if recipe["schedule"] == "cosine" else schedules.linear_betas(1000)
         tokenizer = ShapesTokenizer.from_shapes(max_length=recipe["max_length"])
-        return cls(model, tokenizer, GaussianDiffusion(betas), recipe["image_size"])
+        return cls(model, tokenizer, GaussianDiffusion(schedules.betas_by_name(recipe["schedule"])), recipe["image_size"])
 
     @torch.no_grad()
     def encode(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts → (text tokens (B, L, D), mask (B, L)); raises on words outside the vocabulary."""
-        prompts = check_prompts(prompts, self.tokenizer)
+        return self._encode_checked(check_prompts(prompts, self.tokenizer))
+
+    def _encode_checked(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.tokenizer(prompts)
         return self.model.encode(batch["input_ids"], batch["attention_mask"])
 
@@ -168,7 +168,7 @@ class Pipeline:
         check_sampling_args(steps, guidance, sampler, images_per_prompt, threshold)
         prompts = check_prompts(prompts, self.tokenizer)
         prompts = [p for p in prompts for _ in range(images_per_prompt)]
-        text, mask = self.encode(prompts)
+        text, mask = self._encode_checked(prompts)  # (B, L, D), (B, L); prompts checked above
         negative = None
         if negative_prompt is not None:
             neg_text, neg_mask = self.encode([negative_prompt])

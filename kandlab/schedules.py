@@ -97,6 +97,15 @@ def cosine_betas(
     return betas.to(dtype)
 
 
+def betas_by_name(name: str, T: int = 1000) -> Tensor:
+    """The schedule a recipe or model card names: ``"cosine"`` or ``"linear"``, T steps (float64)."""
+    if name == "cosine":
+        return cosine_betas(T)
+    if name == "linear":
+        return linear_betas(T)
+    raise ValueError(f"unknown schedule {name!r}; use 'cosine' or 'linear'")
+
+
 def alpha_bar(betas: Tensor) -> Tensor:
     r""":math:`\bar\alpha_t = \prod_{s \le t} (1 - \beta_s)` (DDPM eq. 4), same shape and dtype as ``betas``."""
     if not isinstance(betas, Tensor):

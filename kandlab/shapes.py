@@ -826,22 +826,13 @@ def diversity(images, groups: Sequence) -> float:
     compare numbers only between samplers of the same model and prompts. Real
     systems use perceptual or feature-space measures (LPIPS, recall, the Vendi score).
     """
-    if isinstance(images, torch.Tensor):
-        arr = images.detach().cpu().float().numpy() if images.is_floating_point() else images.cpu().numpy()
-    elif isinstance(images, np.ndarray):
-        arr = images
-    else:
+    if not isinstance(images, (torch.Tensor, np.ndarray)):
         raise TypeError(f"images must be a tensor or array (N, 3, H, W), got {type(images).__name__}")
-    if arr.ndim != 4 or arr.shape[1] != 3:
-        raise ValueError(f"images has shape {tuple(arr.shape)}; expected a batch (N, 3, H, W)")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"images has dtype {arr.dtype}; expected floats in [-1, 1] (convert uint8 with x / 127.5 - 1)")
-    if arr.size and (not np.isfinite(arr).all() or arr.min() < -1.001 or arr.max() > 1.001):
-        raise ValueError("images must be finite and in [-1, 1]; clamp generated images with x.clamp(-1, 1)")
+    batch = _as_image_batch(images)  # the ShapesBench checks: (N, 3, H, W) floats in [-1, 1]
     if isinstance(groups, str) or not isinstance(groups, Sequence):
         raise TypeError(f"groups must be a list with one label per image, got {type(groups).__name__}")
-    if len(groups) != len(arr):
-        raise ValueError(f"got {len(arr)} images but {len(groups)} group labels; pass one label per image")
+    if len(groups) != len(batch):
+        raise ValueError(f"got {len(batch)} images but {len(groups)} group labels; pass one label per image")
     members: dict = {}
     for i, label in enumerate(groups):
         members.setdefault(label, []).append(i)
@@ -853,7 +844,7 @@ def diversity(images, groups: Sequence) -> float:
             f"group {lonely[0]!r} has only one image; diversity compares samples of the same prompt, so draw "
             "at least two per prompt (e.g. pipe(prompts, images_per_prompt=4))"
         )
-    flat = (arr.reshape(len(arr), -1).astype(np.float64) + 1) / 2  # (N, 3HW) in [0, 1]
+    flat = (np.asarray(batch).reshape(len(batch), -1).astype(np.float64) + 1) / 2  # (N, 3HW) in [0, 1]
     per_group = []
     for idx in members.values():
         x = flat[idx]  # (k, 3HW)

@@ -67,7 +67,7 @@ class Recipe:
     n_score: int = 512  # fixed prompts (or samples) behind the exported ShapesBench numbers
 
     def betas(self) -> torch.Tensor:
-        return schedules.cosine_betas(1000) if self.schedule == "cosine" else schedules.linear_betas(1000)
+        return schedules.betas_by_name(self.schedule)
 
 
 def pixel_uncond() -> Recipe:

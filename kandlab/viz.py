@@ -26,6 +26,28 @@ def _show(fig: plt.Figure) -> None:
     plt.close(fig)
 
 
+def _live_panel(rows: list, controls: list, draw) -> "widgets.VBox":
+    """Lay out ``rows`` (widgets, or lists of widgets shown side by side) above an output
+    area; call ``draw()`` into it now and whenever a control's value changes; display
+    and return the panel."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    out = widgets.Output()
+
+    def redraw(*_):
+        with out:
+            out.clear_output(wait=True)
+            draw()
+
+    for control in controls:
+        control.observe(redraw, names="value")
+    redraw()
+    box = widgets.VBox([widgets.HBox(r) if isinstance(r, list) else r for r in rows] + [out])
+    display(box)
+    return box
+
+
 def to_image(x: torch.Tensor | np.ndarray) -> np.ndarray:
     """(C, H, W) tensor in [-1, 1] → (H, W, C) float array in [0, 1] for imshow."""
     if isinstance(x, torch.Tensor):
@@ -386,23 +408,11 @@ def cross_attention_widget(images: torch.Tensor, maps_per_t: dict[int, list[tupl
                            tokens: Sequence[str]):
     """Pick a text token and a timestep; see that token's attention map at every level."""
     import ipywidgets as widgets
-    from IPython.display import display
 
     token = widgets.Dropdown(options=[(f"{i}: {tok}", i) for i, tok in enumerate(tokens)], description="token")
     t_pick = widgets.SelectionSlider(options=sorted(maps_per_t), description="t", continuous_update=False)
-    out = widgets.Output()
-
-    def redraw(*_):
-        with out:
-            out.clear_output(wait=True)
-            _show(plot_cross_attention(images[t_pick.value], maps_per_t[t_pick.value], tokens, token.value))
-
-    token.observe(redraw, names="value")
-    t_pick.observe(redraw, names="value")
-    redraw()
-    box = widgets.VBox([widgets.HBox([token, t_pick]), out])
-    display(box)
-    return box
+    return _live_panel([[token, t_pick]], [token, t_pick], lambda: _show(
+        plot_cross_attention(images[t_pick.value], maps_per_t[t_pick.value], tokens, token.value)))
 
 
 # ---------------------------------------------------------------------------
@@ -498,7 +508,6 @@ def guidance_widget(pipe, prompts: Sequence[str], scales: Sequence[float] = (0, 
     slider changes only the guidance. Each (prompt, scale) is sampled once and cached.
     """
     import ipywidgets as widgets
-    from IPython.display import display
 
     from kandlab import shapes
 
@@ -508,24 +517,16 @@ def guidance_widget(pipe, prompts: Sequence[str], scales: Sequence[float] = (0, 
     prompt = widgets.Dropdown(options=list(prompts), description="prompt", layout=widgets.Layout(width="520px"))
     scale = widgets.SelectionSlider(options=list(scales), value=min(scales, key=lambda s: abs(s - 4)),
                                     description="guidance s", continuous_update=False)
-    out = widgets.Output()
 
-    def redraw(*_):
+    def draw():
         key = (prompt.value, scale.value)
         if key not in cache:
             images = pipe([prompt.value], steps=steps, guidance=float(scale.value), seed=seed,
                           images_per_prompt=n, progress=False)
             cache[key] = images, shapes.score(images, [prompt.value] * n)
-        with out:
-            out.clear_output(wait=True)
-            _show(plot_guidance_grid(cache[key][0], prompt.value, scale.value, cache[key][1]))
+        _show(plot_guidance_grid(cache[key][0], prompt.value, scale.value, cache[key][1]))
 
-    prompt.observe(redraw, names="value")
-    scale.observe(redraw, names="value")
-    redraw()
-    box = widgets.VBox([widgets.HBox([prompt, scale]), out])
-    display(box)
-    return box
+    return _live_panel([[prompt, scale]], [prompt, scale], draw)
 
 
 # ---------------------------------------------------------------------------
