@@ -315,6 +315,7 @@ class GaussianDiffusion(nn.Module):
             "alphas_cumprod_prev": alphas_cumprod_prev,
             "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
             "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
+            "snr": alphas_cumprod / (1 - alphas_cumprod),  # SNR(t) = ᾱ_t / (1 − ᾱ_t)
             "posterior_variance": posterior_variance,
             "posterior_log_variance": posterior_variance.clamp(min=1e-20).log(),  # β̃_0 = 0
             "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
@@ -492,6 +493,7 @@ class GaussianDiffusion(nn.Module):
         x0: Tensor,
         t: Tensor | None = None,
         noise: Tensor | None = None,
+        min_snr_gamma: float | None = None,
         **model_kwargs,
     ) -> Tensor:
         r"""The "simple" loss (DDPM eq. 14): :math:`\lVert\varepsilon - \varepsilon_\theta(x_t, t)\rVert^2`.
@@ -499,8 +501,16 @@ class GaussianDiffusion(nn.Module):
         t is drawn uniformly from {0, …, T-1} per sample if None; extra keyword
         arguments (e.g. the text embedding) are passed to ``model(x_t, t, **model_kwargs)``.
         Returns the mean squared error, a scalar.
+
+        ``min_snr_gamma=γ`` weighs each sample's error by Min-SNR-γ (Hang et al.
+        2023, eq. 7 for ε-prediction): :math:`w_t = \min(\mathrm{SNR}_t, \gamma)/\mathrm{SNR}_t`.
+        Noisy steps (SNR ≤ γ, where the layout of a picture is decided) keep weight
+        1; nearly clean steps, whose tiny noise dominates the plain ε-loss, are
+        turned down. ``None`` (the default) is DDPM's unweighted loss.
         """
         _check_tensor(x0, "x0")
+        if min_snr_gamma is not None and not (min_snr_gamma > 0 and math.isfinite(min_snr_gamma)):
+            raise ValueError(f"min_snr_gamma={min_snr_gamma} must be a positive number (the paper uses 5) or None")
         B = x0.shape[0]
         if t is None:
             t = torch.randint(0, self.num_timesteps, (B,), device=x0.device)
@@ -512,7 +522,12 @@ class GaussianDiffusion(nn.Module):
         if not isinstance(eps_hat, Tensor) or eps_hat.shape != x0.shape:
             got = tuple(eps_hat.shape) if isinstance(eps_hat, Tensor) else type(eps_hat).__name__
             raise ValueError(f"the model must return ε̂ with the same shape as x0 {tuple(x0.shape)}, got {got}")
-        return F.mse_loss(eps_hat, noise)
+        if min_snr_gamma is None:
+            return F.mse_loss(eps_hat, noise)
+        per_sample = (eps_hat - noise).pow(2).flatten(1).mean(1)  # (B,)
+        snr = self.snr[t]  # (B,)
+        weight = snr.clamp(max=min_snr_gamma) / snr  # Min-SNR-γ, eq. 7: min(SNR, γ) / SNR
+        return (weight.to(per_sample.dtype) * per_sample).mean()
 
     # ----------------------------------------------------------------- reverse steps
 
@@ -632,6 +647,7 @@ class GaussianDiffusion(nn.Module):
         progress: bool = True,
         return_trajectory: bool = False,
         set_alpha_to_one: bool = True,
+        start_mean: float | Tensor | None = None,
     ) -> Tensor | list[TrajectoryStep]:
         r"""Generate samples of ``shape`` = (B, ...) starting from pure noise :math:`x_T \sim \mathcal N(0, I)`.
 
@@ -640,6 +656,15 @@ class GaussianDiffusion(nn.Module):
         ``timesteps`` if given (decreasing), else ``make_timesteps(T, num_steps)``
         ("leading" spacing; all T steps if ``num_steps`` is None). Each step goes
         to the next timestep in the list, the last one to the clean image.
+
+        ``start_mean`` (the data mean μ: a number, or a tensor broadcastable to one
+        image, e.g. per channel (C, 1, 1)) starts from the true marginal's mean instead of 0,
+        :math:`x_{t_0} = \sqrt{\bar\alpha_{t_0}}\,\mu + \sqrt{1-\bar\alpha_{t_0}}\,z` at the
+        first visited step t₀ ("signal leak", Everaert et al. 2024). A network
+        trained on data whose mean is far from 0 (the shapes world is 83 % black
+        background) reads the global mean of x_t as evidence about the image; pure
+        N(0, I) noise then looks like a bright picture and the sampler draws too
+        much foreground. ``None`` (the default) starts from N(0, I) like diffusers.
 
         Noise is drawn from ``generator`` in this order: x_T, then one tensor per
         DDPM step with t > 0 (per DDIM step if eta > 0) — the same order as a
@@ -663,6 +688,8 @@ class GaussianDiffusion(nn.Module):
         device = self.betas.device
         B = shape[0]
         x = _randn(shape, generator, device)  # x_T ~ N(0, I)
+        if start_mean is not None:
+            x = self._leaky_start(x, timesteps[0], start_mean)
         trajectory: list[TrajectoryStep] = []
         for i, t in enumerate(tqdm(timesteps, desc=f"{method} sampling", disable=not progress)):
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
@@ -684,6 +711,21 @@ class GaussianDiffusion(nn.Module):
             trajectory.append(TrajectoryStep(-1, x.detach().cpu(), x.detach().cpu()))
             return trajectory
         return x
+
+    def _leaky_start(self, z: Tensor, t0: int, mean: float | Tensor) -> Tensor:
+        """x_{t0} = √ᾱ_{t0}·μ + √(1 − ᾱ_{t0})·z: the forward marginal's mean, not 0 (DDPM eq. 4 with x_0 = μ)."""
+        mean = torch.as_tensor(mean, dtype=z.dtype, device=z.device)
+        if not torch.isfinite(mean).all():
+            raise ValueError("start_mean must be finite: pass the data mean, e.g. -0.83 for the shapes world")
+        try:
+            torch.broadcast_shapes(mean.shape, z.shape[1:])
+        except RuntimeError:
+            raise ValueError(
+                f"start_mean has shape {tuple(mean.shape)}, which does not broadcast to one image {tuple(z.shape[1:])}; "
+                "pass a number or a per-channel tensor of shape (C, 1, 1)"
+            ) from None
+        alpha_bar = self.alphas_cumprod[t0]
+        return alpha_bar.sqrt() * mean + (1 - alpha_bar).sqrt() * z
 
     def _sampling_timesteps(self, timesteps: list[int] | Tensor | None, num_steps: int | None) -> list[int]:
         T = self.num_timesteps

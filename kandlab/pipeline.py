@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from kandlab import schedules, weights
-from kandlab.shapes import VOCABULARY
+from kandlab.shapes import VOCABULARY, dataset_mean
 from kandlab.diffusion import GaussianDiffusion, cfg_eps, dynamic_threshold, static_threshold
 from kandlab.t5 import T5Config, T5Encoder
 from kandlab.tokenizer import ShapesTokenizer
@@ -161,11 +161,18 @@ class Pipeline:
         percentile: float = 0.995,
         max_value: float | None = None,
         negative_prompt: str | None = None,
+        start: Literal["noise", "data_mean"] = "noise",
         progress: bool = True,
         return_trajectory: bool = False,
     ):
-        """Images (B·images_per_prompt, 3, S, S) in [-1, 1], prompt-major order."""
-        check_sampling_args(steps, guidance, sampler, images_per_prompt, threshold)
+        """Images (B·images_per_prompt, 3, S, S) in [-1, 1], prompt-major order.
+
+        ``start="noise"`` begins from N(0, I) as Kandinsky 3 and diffusers do;
+        ``"data_mean"`` begins from the forward marginal around the shapes world's
+        mean pixel (`shapes.dataset_mean`), which removes the sampler's bias
+        towards too much foreground (lesson 02, "signal leak").
+        """
+        check_sampling_args(steps, guidance, sampler, images_per_prompt, threshold, start)
         prompts = check_prompts(prompts, self.tokenizer)
         prompts = [p for p in prompts for _ in range(images_per_prompt)]
         text, mask = self._encode_checked(prompts)  # (B, L, D), (B, L); prompts checked above
@@ -177,14 +184,15 @@ class Pipeline:
                  "dynamic": lambda x0: dynamic_threshold(x0, percentile, max_value)}[threshold]
         g = torch.Generator().manual_seed(seed)
         shape = (len(prompts), self.model.unet.config.in_channels, self.image_size, self.image_size)
+        start_mean = dataset_mean(self.image_size) if start == "data_mean" else None
         out = self.diffusion.sample(self.eps_fn(text, mask, guidance, negative), shape, num_steps=steps,
                                     method=sampler, eta=eta, generator=g, x0_fn=x0_fn, progress=progress,
-                                    return_trajectory=return_trajectory)
+                                    return_trajectory=return_trajectory, start_mean=start_mean)
         return out if return_trajectory else out.clamp(-1, 1)
 
 
 def check_sampling_args(steps: int, guidance: float, sampler: str, images_per_prompt: int = 1,
-                        threshold: str = "static") -> None:
+                        threshold: str = "static", start: str = "noise") -> None:
     """Teaching errors for the sampling options (shared by the CLI)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps={steps!r} must be an int from 1 to {MAX_STEPS} (the model was trained with "
@@ -198,6 +206,8 @@ def check_sampling_args(steps: int, guidance: float, sampler: str, images_per_pr
         raise ValueError(f"images_per_prompt={images_per_prompt!r} must be an int >= 1")
     if threshold not in ("static", "dynamic", "none"):
         raise ValueError(f"threshold={threshold!r} must be 'static', 'dynamic' or 'none'")
+    if start not in ("noise", "data_mean"):
+        raise ValueError(f"start={start!r} must be 'noise' (N(0, I), as diffusers) or 'data_mean' (see lesson 02)")
 
 
 def config_card(model: TextToImage) -> dict:

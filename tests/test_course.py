@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -94,3 +95,16 @@ def test_build_and_sync_detect_stale_copies(tmp_path):
     nb["cells"][0]["source"] = "# BEGIN SOLUTION\nx = 2\n# END SOLUTION\nprint(x)"
     (tmp_path / "solutions" / "01_a.ipynb").write_text(json.dumps(nb))
     assert course.check_sync(tmp_path) == ["notebooks/01_a.ipynb is stale"]
+
+
+def test_no_control_characters_in_lesson_sources():
+    """A LaTeX string written without r"" turns \\bar into a backspace and \\approx
+    into a bell; the notebook then renders "arlpha". Catch it in every lesson."""
+    bad = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+    problems = []
+    for path in sorted((course.REPO / "solutions").glob("*.ipynb")):
+        for i, cell in enumerate(json.loads(path.read_text())["cells"]):
+            hit = bad.search("".join(cell["source"]))
+            if hit:
+                problems.append(f"{path.name} cell {i}: {hit.group()!r} near {''.join(cell['source'])[max(0, hit.start() - 20):hit.end() + 20]!r}")
+    assert not problems, "control characters in lesson text:\n" + "\n".join(problems)

@@ -390,6 +390,43 @@ def test_ddim_eta0_is_deterministic_given_x_T(gd):
     assert torch.equal(a, b)
 
 
+def test_start_mean_starts_from_the_forward_marginal():
+    """Signal-leak start: x_{t0} = √ᾱ_{t0}·μ + √(1−ᾱ_{t0})·z with the same z as the plain start."""
+    d = GaussianDiffusion(cosine_betas(1000))
+    seen = []
+
+    def record(x_t, t):
+        seen.append((x_t.clone(), int(t[0])))
+        return torch.zeros_like(x_t)
+
+    shape = (2, 3, 4, 4)
+    d.sample(record, shape, num_steps=5, method="ddim", generator=torch.Generator().manual_seed(3), progress=False)
+    z, t0 = seen[0]
+    assert t0 == make_timesteps(1000, 5)[0]
+    seen.clear()
+    mu = torch.tensor([-0.8, 0.1, 0.5]).view(3, 1, 1)  # per channel
+    d.sample(record, shape, num_steps=5, method="ddim", generator=torch.Generator().manual_seed(3), progress=False,
+             start_mean=mu)
+    a = d.alphas_cumprod[t0]
+    assert torch.allclose(seen[0][0], a.sqrt() * mu + (1 - a).sqrt() * z, atol=1e-6)
+    # the same as noising an image that equals μ everywhere (DDPM eq. 4)
+    assert torch.allclose(seen[0][0], d.q_sample(mu.expand(shape), t0, z), atol=1e-6)
+    # a plain number works too and shifts every value by the same amount
+    seen.clear()
+    d.sample(record, shape, num_steps=5, method="ddim", generator=torch.Generator().manual_seed(3), progress=False,
+             start_mean=-0.83)
+    assert torch.allclose(seen[0][0] - (1 - a).sqrt() * z, (a.sqrt() * -0.83).expand(shape), atol=1e-6)
+
+
+def test_start_mean_bad_input():
+    d = GaussianDiffusion(cosine_betas(100))
+    zero = lambda x_t, t: torch.zeros_like(x_t)  # noqa: E731
+    with pytest.raises(ValueError, match="does not broadcast"):
+        d.sample(zero, (2, 3, 4, 4), num_steps=2, progress=False, start_mean=torch.zeros(4, 1, 1))
+    with pytest.raises(ValueError, match="finite"):
+        d.sample(zero, (2, 3, 4, 4), num_steps=2, progress=False, start_mean=float("nan"))
+
+
 # --------------------------------------------------------------------------- loss
 
 
@@ -411,6 +448,32 @@ def test_loss_is_eps_mse():
     assert d.loss(oracle, x0, t=torch.full((8,), 50)).item() < 1e-8
     with pytest.raises(ValueError, match="same shape as x0"):
         d.loss(lambda x_t, t: x_t[:, :1], x0)
+
+
+def test_min_snr_weighting_follows_eq_7():
+    """Min-SNR-γ for ε-prediction: each sample's squared error times min(SNR_t, γ)/SNR_t."""
+    d = GaussianDiffusion(cosine_betas(1000))
+    x0, noise = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
+    zero = lambda x_t, t: torch.zeros_like(x_t)  # noqa: E731 error = noise
+    t = torch.tensor([0, 10, 100, 400, 800, 999])
+    snr = d.alphas_cumprod[t].double() / (1 - d.alphas_cumprod[t].double())
+    per_sample = (noise**2).flatten(1).mean(1).double()
+    for gamma in (1.0, 5.0, 20.0):
+        expected = (torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) / snr * per_sample).mean()
+        got = d.loss(zero, x0, t=t, noise=noise, min_snr_gamma=gamma)
+        assert torch.allclose(got.double(), expected, rtol=1e-5), (gamma, got, expected)
+    # noisy steps (SNR <= γ) keep weight 1: the weighted loss equals the plain one there
+    noisy = torch.full((6,), 900)
+    assert d.snr[900] < 5
+    assert torch.allclose(d.loss(zero, x0, t=noisy, noise=noise, min_snr_gamma=5.0),
+                          d.loss(zero, x0, t=noisy, noise=noise))
+    # nearly clean steps are turned down: t = 0 has SNR in the thousands
+    clean = torch.zeros(6, dtype=torch.long)
+    plain, weighted = (d.loss(zero, x0, t=clean, noise=noise, min_snr_gamma=g) for g in (None, 5.0))
+    assert weighted < plain / 100
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="min_snr_gamma"):
+            d.loss(zero, x0, min_snr_gamma=bad)
 
 
 # --------------------------------------------------------------------------- thresholding
