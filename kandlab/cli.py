@@ -198,7 +198,8 @@ def generate_command(args: argparse.Namespace) -> int:
     try:
         if not args.prompt.strip():
             raise ValueError("the prompt is empty; describe a scene, e.g. \"two red circles above a blue square\"")
-        check_sampling_args(args.steps, args.guidance, args.sampler, args.num_images, args.threshold)
+        check_sampling_args(args.steps, args.guidance, args.sampler, args.num_images, args.threshold,
+                            args.start.replace("-", "_"))
         if args.upscale < 1:
             raise ValueError(f"--upscale={args.upscale} must be at least 1")
         out = _check_output_path(args.output)
@@ -208,7 +209,8 @@ def generate_command(args: argparse.Namespace) -> int:
         print(f"kandlab generate: {err}", file=sys.stderr)
         return 2
     images = pipe(args.prompt, steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
-                  images_per_prompt=args.num_images, threshold=args.threshold, eta=args.eta)
+                  images_per_prompt=args.num_images, threshold=args.threshold, eta=args.eta,
+                  start=args.start.replace("-", "_"))
     save_png_grid(images, out, upscale=args.upscale)
     what = "image" if args.num_images == 1 else f"grid of {args.num_images} images"
     print(f"wrote {out} ({what}, {args.sampler} {args.steps} steps, guidance {args.guidance}, seed {args.seed})")
@@ -232,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale s ≥ 0 (1 = none, default 4 = Kandinsky 3's w = 3)")
     p.add_argument("--threshold", default="static", choices=["static", "dynamic", "none"],
                    help="x̂₀ thresholding (default static, as Kandinsky 3 in diffusers)")
+    p.add_argument("--start", default="noise", choices=["noise", "data-mean"],
+                   help="where sampling starts: N(0, I) as Kandinsky 3 (default), or around the shapes world's "
+                        "mean pixel, which draws fewer stray shapes (lesson 02)")
     p.add_argument("--upscale", type=int, default=4, help="nearest-neighbour enlargement of the 32×32 output (default 4)")
     p.add_argument("--model", default="pixel_text", help="shipped model in data/ (default pixel_text)")
     p.set_defaults(func=generate_command)

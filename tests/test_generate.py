@@ -47,6 +47,13 @@ def test_generate_writes_an_image_and_a_grid(tmp_path, capsys):
     assert cli.main(["generate", "two red circles above a blue square", "-o", str(one), "--steps", "3"]) == 0
     assert Image.open(one).size == (128, 128)
     assert cli.main(["generate", "one green triangle", "-o", str(grid), "--steps", "2", "-n", "4",
-                     "--sampler", "ddpm", "--seed", "3", "--upscale", "1"]) == 0
+                     "--sampler", "ddpm", "--seed", "3", "--upscale", "1", "--start", "data-mean"]) == 0
     assert Image.open(grid).size == (66, 66)  # 2×2 tiles of 32 px with a 2 px gap
     assert "wrote" in capsys.readouterr().out
+
+
+def test_unknown_start_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "one red circle", "--start", "zeros"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

@@ -70,6 +70,7 @@ def test_bad_prompts_are_refused_with_a_hint(pipe, prompt, message):
     (dict(steps=0), "steps=0"), (dict(steps=1001), "1 to 1000"), (dict(steps=2.5), "int"),
     (dict(guidance=-1.0), ">= 0"), (dict(guidance=float("nan")), ">= 0"), (dict(sampler="euler"), "ddim"),
     (dict(images_per_prompt=0), "images_per_prompt"), (dict(threshold="soft"), "threshold"),
+    (dict(start="zeros"), "start="),
 ])
 def test_bad_sampling_options_are_refused(kwargs, message):
     args = dict(steps=10, guidance=4.0, sampler="ddim", images_per_prompt=1, threshold="static") | kwargs
@@ -80,3 +81,17 @@ def test_bad_sampling_options_are_refused(kwargs, message):
 def test_text_width_must_match():
     with pytest.raises(ValueError, match="encoder_hid_dim"):
         TextToImage(UNetConfig.tiny_pixel(), T5Config(**{**T5Config.tiny().__dict__, "d_model": 32}))
+
+
+def test_data_mean_start_shifts_only_the_first_x(pipe):
+    """start="data_mean" = the same run from x_{t0} = √ᾱ_{t0}·μ + √(1−ᾱ_{t0})·z (same z, same later noise)."""
+    from kandlab.shapes import dataset_mean
+
+    a = pipe("one red circle", steps=3, seed=4, progress=False, return_trajectory=True)
+    b = pipe("one red circle", steps=3, seed=4, progress=False, return_trajectory=True, start="data_mean")
+    t0 = a[0].t
+    alpha_bar = pipe.diffusion.alphas_cumprod[t0]
+    mu = dataset_mean()
+    assert mu.shape == (3, 1, 1) and -0.9 < mu.mean() < -0.75  # mostly black background
+    assert torch.allclose(b[0].x_t, alpha_bar.sqrt() * mu + (1 - alpha_bar).sqrt() * a[0].x_t, atol=1e-6)
+    assert not torch.allclose(a[-1].x_t, b[-1].x_t)
