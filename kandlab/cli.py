@@ -195,11 +195,11 @@ def generate_command(args: argparse.Namespace) -> int:
     from kandlab.pipeline import Pipeline, check_prompts, check_sampling_args
     from kandlab.tokenizer import ShapesTokenizer
 
+    start = args.start.replace("-", "_")  # the CLI spells it data-mean, the Python API data_mean
     try:
         if not args.prompt.strip():
             raise ValueError("the prompt is empty; describe a scene, e.g. \"two red circles above a blue square\"")
-        check_sampling_args(args.steps, args.guidance, args.sampler, args.num_images, args.threshold,
-                            args.start.replace("-", "_"))
+        check_sampling_args(args.steps, args.guidance, args.sampler, args.num_images, args.threshold, start)
         if args.upscale < 1:
             raise ValueError(f"--upscale={args.upscale} must be at least 1")
         out = _check_output_path(args.output)
@@ -209,8 +209,7 @@ def generate_command(args: argparse.Namespace) -> int:
         print(f"kandlab generate: {err}", file=sys.stderr)
         return 2
     images = pipe(args.prompt, steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
-                  images_per_prompt=args.num_images, threshold=args.threshold, eta=args.eta,
-                  start=args.start.replace("-", "_"))
+                  images_per_prompt=args.num_images, threshold=args.threshold, eta=args.eta, start=start)
     save_png_grid(images, out, upscale=args.upscale)
     what = "image" if args.num_images == 1 else f"grid of {args.num_images} images"
     print(f"wrote {out} ({what}, {args.sampler} {args.steps} steps, guidance {args.guidance}, seed {args.seed})")

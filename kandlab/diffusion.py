@@ -45,6 +45,7 @@ __all__ = [
     "saturation",
     "cfg_eps",
     "kandinsky3_cfg_eps",
+    "min_snr_weight",
 ]
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, ...), t (B,)) -> eps_hat (B, ...)
@@ -289,6 +290,18 @@ def make_timesteps(
     return ts
 
 
+def min_snr_weight(snr: Tensor, gamma: float) -> Tensor:
+    r"""Min-SNR-γ loss weight for ε-prediction (Hang et al. 2023, eq. 7):
+    :math:`w_t = \min(\mathrm{SNR}_t, \gamma)/\mathrm{SNR}_t`. ``snr``: (B,) → (B,).
+
+    Noisy steps (SNR ≤ γ, where the layout of a picture is decided) keep weight 1;
+    nearly clean steps, whose tiny noise dominates the plain ε-loss, are turned down.
+    """
+    if not (gamma > 0 and math.isfinite(gamma)):
+        raise ValueError(f"min_snr_gamma={gamma} must be a positive number (the paper uses 5) or None")
+    return snr.clamp(max=gamma) / snr
+
+
 # --------------------------------------------------------------------------- the diffusion process
 
 
@@ -502,15 +515,12 @@ class GaussianDiffusion(nn.Module):
         arguments (e.g. the text embedding) are passed to ``model(x_t, t, **model_kwargs)``.
         Returns the mean squared error, a scalar.
 
-        ``min_snr_gamma=γ`` weighs each sample's error by Min-SNR-γ (Hang et al.
-        2023, eq. 7 for ε-prediction): :math:`w_t = \min(\mathrm{SNR}_t, \gamma)/\mathrm{SNR}_t`.
-        Noisy steps (SNR ≤ γ, where the layout of a picture is decided) keep weight
-        1; nearly clean steps, whose tiny noise dominates the plain ε-loss, are
-        turned down. ``None`` (the default) is DDPM's unweighted loss.
+        ``min_snr_gamma=γ`` weighs each sample's error by :func:`min_snr_weight`
+        (Min-SNR-γ, Hang et al. 2023); ``None`` (the default) is DDPM's unweighted loss.
         """
         _check_tensor(x0, "x0")
-        if min_snr_gamma is not None and not (min_snr_gamma > 0 and math.isfinite(min_snr_gamma)):
-            raise ValueError(f"min_snr_gamma={min_snr_gamma} must be a positive number (the paper uses 5) or None")
+        if min_snr_gamma is not None:
+            min_snr_weight(self.snr[:1], min_snr_gamma)  # checks γ before the forward pass
         B = x0.shape[0]
         if t is None:
             t = torch.randint(0, self.num_timesteps, (B,), device=x0.device)
@@ -525,8 +535,7 @@ class GaussianDiffusion(nn.Module):
         if min_snr_gamma is None:
             return F.mse_loss(eps_hat, noise)
         per_sample = (eps_hat - noise).pow(2).flatten(1).mean(1)  # (B,)
-        snr = self.snr[t]  # (B,)
-        weight = snr.clamp(max=min_snr_gamma) / snr  # Min-SNR-γ, eq. 7: min(SNR, γ) / SNR
+        weight = min_snr_weight(self.snr[t], min_snr_gamma)  # (B,)
         return (weight.to(per_sample.dtype) * per_sample).mean()
 
     # ----------------------------------------------------------------- reverse steps
@@ -713,19 +722,18 @@ class GaussianDiffusion(nn.Module):
         return x
 
     def _leaky_start(self, z: Tensor, t0: int, mean: float | Tensor) -> Tensor:
-        """x_{t0} = √ᾱ_{t0}·μ + √(1 − ᾱ_{t0})·z: the forward marginal's mean, not 0 (DDPM eq. 4 with x_0 = μ)."""
+        """x_{t0} = √ᾱ_{t0}·μ + √(1 − ᾱ_{t0})·z: `q_sample` of a picture that is μ everywhere (DDPM eq. 4)."""
         mean = torch.as_tensor(mean, dtype=z.dtype, device=z.device)
         if not torch.isfinite(mean).all():
             raise ValueError("start_mean must be finite: pass the data mean, e.g. -0.83 for the shapes world")
         try:
-            torch.broadcast_shapes(mean.shape, z.shape[1:])
+            mu = mean.expand(z.shape[1:])  # (C, H, W)
         except RuntimeError:
             raise ValueError(
                 f"start_mean has shape {tuple(mean.shape)}, which does not broadcast to one image {tuple(z.shape[1:])}; "
                 "pass a number or a per-channel tensor of shape (C, 1, 1)"
             ) from None
-        alpha_bar = self.alphas_cumprod[t0]
-        return alpha_bar.sqrt() * mean + (1 - alpha_bar).sqrt() * z
+        return self.q_sample(mu.expand_as(z), t0, z)
 
     def _sampling_timesteps(self, timesteps: list[int] | Tensor | None, num_steps: int | None) -> list[int]:
         T = self.num_timesteps

@@ -33,6 +33,19 @@ from kandlab.tokenizer import ShapesTokenizer
 from kandlab.unet import UNet, UNetConfig
 
 MAX_STEPS = 1000  # the trained schedule has T = 1000 timesteps
+Start = Literal["noise", "data_mean"]  # where sampling starts: N(0, I), or around the data mean (lesson 02)
+
+
+def _check_start(start: str) -> None:
+    if start not in ("noise", "data_mean"):
+        raise ValueError(f"start={start!r} must be 'noise' (N(0, I), as diffusers) or 'data_mean' (see lesson 02)")
+
+
+def start_mean(start: Start, image_size: int) -> torch.Tensor | None:
+    """The ``start_mean`` for `GaussianDiffusion.sample`: None for ``"noise"`` (N(0, I), as
+    Kandinsky 3 and diffusers), `shapes.dataset_mean` for ``"data_mean"`` (lesson 02)."""
+    _check_start(start)
+    return dataset_mean(image_size) if start == "data_mean" else None
 
 
 class TextToImage(nn.Module):
@@ -161,7 +174,7 @@ class Pipeline:
         percentile: float = 0.995,
         max_value: float | None = None,
         negative_prompt: str | None = None,
-        start: Literal["noise", "data_mean"] = "noise",
+        start: Start = "noise",
         progress: bool = True,
         return_trajectory: bool = False,
     ):
@@ -184,10 +197,9 @@ class Pipeline:
                  "dynamic": lambda x0: dynamic_threshold(x0, percentile, max_value)}[threshold]
         g = torch.Generator().manual_seed(seed)
         shape = (len(prompts), self.model.unet.config.in_channels, self.image_size, self.image_size)
-        start_mean = dataset_mean(self.image_size) if start == "data_mean" else None
         out = self.diffusion.sample(self.eps_fn(text, mask, guidance, negative), shape, num_steps=steps,
                                     method=sampler, eta=eta, generator=g, x0_fn=x0_fn, progress=progress,
-                                    return_trajectory=return_trajectory, start_mean=start_mean)
+                                    return_trajectory=return_trajectory, start_mean=start_mean(start, self.image_size))
         return out if return_trajectory else out.clamp(-1, 1)
 
 
@@ -206,8 +218,7 @@ def check_sampling_args(steps: int, guidance: float, sampler: str, images_per_pr
         raise ValueError(f"images_per_prompt={images_per_prompt!r} must be an int >= 1")
     if threshold not in ("static", "dynamic", "none"):
         raise ValueError(f"threshold={threshold!r} must be 'static', 'dynamic' or 'none'")
-    if start not in ("noise", "data_mean"):
-        raise ValueError(f"start={start!r} must be 'noise' (N(0, I), as diffusers) or 'data_mean' (see lesson 02)")
+    _check_start(start)
 
 
 def config_card(model: TextToImage) -> dict:

@@ -32,13 +32,10 @@ from tqdm.auto import tqdm
 
 from kandlab import schedules, shapes, weights
 from kandlab.diffusion import GaussianDiffusion, static_threshold
-from kandlab.pipeline import Pipeline, TextToImage, config_card
+from kandlab.pipeline import Pipeline, Start, TextToImage, config_card, start_mean
 from kandlab.t5 import T5Config
 from kandlab.tokenizer import ShapesTokenizer
 from kandlab.unet import UNet, UNetConfig
-
-
-Start = Literal["noise", "data_mean"]  # where sampling starts: N(0, I) or around the data mean (lesson 02)
 
 
 @dataclass
@@ -163,10 +160,9 @@ def sample_images(model: UNet, diffusion: GaussianDiffusion, n: int = 16, steps:
     samples: (n, C, size, size). ``start`` as in `Pipeline.__call__`."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
-    start_mean = shapes.dataset_mean(size) if start == "data_mean" else None
     x = diffusion.sample(lambda x_t, t: model(x_t, t), (n, model.config.in_channels, size, size),
                          num_steps=steps, method="ddim", generator=g, progress=progress,
-                         x0_fn=static_threshold, start_mean=start_mean)
+                         x0_fn=static_threshold, start_mean=start_mean(start, size))
     return x.clamp(-1, 1)
 
 

@@ -98,3 +98,14 @@ def test_data_mean_start_shifts_only_the_first_x(pipe):
     assert mu.shape == (3, 1, 1) and -0.9 < mu.mean() < -0.75  # mostly black background
     assert torch.allclose(b[0].x_t, alpha_bar.sqrt() * mu + (1 - alpha_bar).sqrt() * a[0].x_t, atol=1e-6)
     assert not torch.allclose(a[-1].x_t, b[-1].x_t)
+
+
+def test_start_mean_helper_refuses_a_misspelt_start():
+    """Every sampler entry point (Pipeline, train.sample_images) goes through start_mean, so a typo
+    such as the CLI spelling 'data-mean' is refused instead of silently starting from N(0, I)."""
+    from kandlab.pipeline import start_mean
+
+    assert start_mean("noise", 32) is None
+    assert start_mean("data_mean", 32).shape == (3, 1, 1)
+    with pytest.raises(ValueError, match="start='data-mean'"):
+        start_mean("data-mean", 32)
