@@ -297,9 +297,13 @@ def min_snr_weight(snr: Tensor, gamma: float) -> Tensor:
     Noisy steps (SNR ≤ γ, where the layout of a picture is decided) keep weight 1;
     nearly clean steps, whose tiny noise dominates the plain ε-loss, are turned down.
     """
+    _check_min_snr_gamma(gamma)
+    return snr.clamp(max=gamma) / snr
+
+
+def _check_min_snr_gamma(gamma: float) -> None:
     if not (gamma > 0 and math.isfinite(gamma)):
         raise ValueError(f"min_snr_gamma={gamma} must be a positive number (the paper uses 5) or None")
-    return snr.clamp(max=gamma) / snr
 
 
 # --------------------------------------------------------------------------- the diffusion process
@@ -520,7 +524,7 @@ class GaussianDiffusion(nn.Module):
         """
         _check_tensor(x0, "x0")
         if min_snr_gamma is not None:
-            min_snr_weight(self.snr[:1], min_snr_gamma)  # checks γ before the forward pass
+            _check_min_snr_gamma(min_snr_gamma)  # before the forward pass, not after it
         B = x0.shape[0]
         if t is None:
             t = torch.randint(0, self.num_timesteps, (B,), device=x0.device)
