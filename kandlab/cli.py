@@ -144,7 +144,12 @@ def train_command(args: argparse.Namespace) -> int:
             print("--steps must be at least 1", file=sys.stderr)
             return 2
         recipe.steps = args.steps
-    ema, log = train.train(recipe, run_dir=args.run_dir, resume=not args.restart)
+    try:
+        ema, log = train.train(recipe, run_dir=args.run_dir, resume=not args.restart,
+                               from_shipped=args.continue_shipped)
+    except (ValueError, FileNotFoundError) as err:  # --continue-shipped on a checkpoint it cannot continue
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.export:
         path = train.export(recipe, ema, log)
         print(f"wrote {path} ({log['step']} steps in {log['seconds'] / 60:.1f} min)")
@@ -245,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs", help="where state, logs and sample grids go (default: runs/)")
     p.add_argument("--restart", action="store_true", help="ignore a saved state and start from scratch")
     p.add_argument("--no-export", dest="export", action="store_false", help="do not write data/<name>.*")
+    p.add_argument("--continue-shipped", action="store_true",
+                   help="with no saved state, start from data/<name>.safetensors (same recipe, fewer steps) "
+                        "instead of step 0; use with --steps to extend a shipped model")
     p.set_defaults(func=train_command)
     return parser
 

@@ -147,10 +147,39 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         p_ema.lerp_(p, 1 - decay)
 
 
-def lr_at(step: int, recipe: Recipe) -> float:
+def lr_at(step: int, recipe: Recipe, since: int = 0) -> float:
     """Linear warm-up, then constant (the EMA does the averaging). A constant rate
-    means a run stopped at step k equals the first k steps of a longer one."""
-    return recipe.lr * min(1.0, (step + 1) / recipe.warmup)
+    means a run stopped at step k equals the first k steps of a longer one.
+    ``since``: the step a continued run started at (its fresh AdamW warms up again)."""
+    return recipe.lr * min(1.0, (step - since + 1) / recipe.warmup)
+
+
+def continue_shipped(recipe: Recipe, model: UNet | TextToImage, ema: UNet | TextToImage) -> dict:
+    """Start from the shipped ``data/<name>.safetensors`` (EMA weights) instead of step 0.
+
+    For extending a shipped run whose state file is gone: model and EMA both start
+    at the shipped weights, AdamW starts fresh (with its own warm-up). Returns the
+    training log, whose ``earlier`` entry keeps the shipped card's steps, wall time
+    and loss curve for the new card. The shipped card must come from this recipe
+    (same model configs and every recipe number but ``steps``).
+    """
+    card = weights.load_card(f"{recipe.name}.safetensors")
+    mine = json.loads(json.dumps(asdict(recipe)))  # as the card stores it (tuples become lists)
+    mine = {"unet_config": mine.pop("unet"), "t5_config": mine.pop("text"), **mine}
+    theirs = {"unet_config": card["unet_config"], "t5_config": card.get("t5_config"), **card["recipe"]}
+    differ = sorted(k for k in mine.keys() | theirs.keys() if k != "steps" and mine.get(k) != theirs.get(k))
+    if differ:
+        raise ValueError(f"data/{recipe.name}.safetensors was not trained with this recipe (differs in: "
+                         f"{', '.join(differ)}); train from scratch instead (drop --continue-shipped)")
+    if card["steps"] >= recipe.steps:
+        raise ValueError(f"data/{recipe.name}.safetensors already has {card['steps']} steps; "
+                         f"ask for more with --steps (got {recipe.steps})")
+    state = weights.load_tiny_state_dict(f"{recipe.name}.safetensors")
+    model.load_state_dict(state)
+    ema.load_state_dict(state)
+    earlier = {k: card[k] for k in ("steps", "wall_time_seconds", "steps_per_second", "loss_curve_every_25_steps")}
+    earlier["hardware"] = card["hardware"]
+    return {"step": card["steps"], "seconds": 0.0, "losses": [], "earlier": earlier}
 
 
 @torch.no_grad()
@@ -199,8 +228,12 @@ def save_grid(images: torch.Tensor, path: Path, title: str = "") -> None:
 
 
 def train(recipe: Recipe, run_dir: Path | str = "runs", steps: int | None = None, resume: bool = True,
-          progress: bool = True) -> tuple[UNet, dict]:
-    """Train ``recipe`` (resuming from ``run_dir/<name>/state.pt``); return the EMA model and a log."""
+          progress: bool = True, from_shipped: bool = False) -> tuple[UNet, dict]:
+    """Train ``recipe`` (resuming from ``run_dir/<name>/state.pt``); return the EMA model and a log.
+
+    ``from_shipped``: with no state file to resume, continue the shipped checkpoint
+    (see `continue_shipped`) instead of starting at step 0.
+    """
     torch.set_num_threads(recipe.threads)
     steps = recipe.steps if steps is None else steps
     run = Path(run_dir) / recipe.name
@@ -221,6 +254,10 @@ def train(recipe: Recipe, run_dir: Path | str = "runs", steps: int | None = None
         log = state["log"]
         torch.set_rng_state(state["rng"])
         print(f"resuming {recipe.name} at step {log['step']}")
+    elif from_shipped:
+        log = continue_shipped(recipe, model, ema)
+        print(f"continuing the shipped {recipe.name} from step {log['step']}")
+    since = log["earlier"]["steps"] if "earlier" in log else 0
 
     # Rendering 20k images takes ~10 s: skip it when a resumed run has nothing left to do.
     images, tokens = render_training_set(recipe) if log["step"] < steps else (None, None)  # (N, 3, S, S)
@@ -231,7 +268,7 @@ def train(recipe: Recipe, run_dir: Path | str = "runs", steps: int | None = None
     for step in bar:
         model.train()
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, recipe)
+            group["lr"] = lr_at(step, recipe, since)
         idx = torch.randint(0, len(images), (recipe.batch_size,), generator=g)
         x0 = images[idx]  # (B, 3, S, S)
         if tokens is None:
@@ -250,7 +287,7 @@ def train(recipe: Recipe, run_dir: Path | str = "runs", steps: int | None = None
         log["losses"].append(round(loss.item(), 5))
         log["step"] = step + 1
         log["seconds"] = time.perf_counter() - start
-        bar.set_postfix(loss=f"{running:.4f}", it_s=f"{log['step'] / max(log['seconds'], 1e-9):.2f}")
+        bar.set_postfix(loss=f"{running:.4f}", it_s=f"{(log['step'] - since) / max(log['seconds'], 1e-9):.2f}")
         if (step + 1) % recipe.sample_every == 0 or step + 1 == steps:
             grid = periodic_grid(recipe, ema, diffusion)
             save_grid(grid, run / f"samples_{step + 1:06d}.png",
@@ -287,6 +324,37 @@ def score_model(recipe: Recipe, model: UNet | TextToImage, diffusion: GaussianDi
             "prompt_set": "kandlab.train.score_prompts(n) = captions of ShapesDataset(seed=2024)"}, samples
 
 
+def _run_facts(recipe: Recipe, log: dict) -> dict:
+    """Steps, wall time, speed, loss curve and hardware of a training log, for the card.
+
+    A continued run (``log["earlier"]``, see `continue_shipped`) adds its new steps to
+    the shipped run's: the totals cover both, ``stages`` lists each one.
+    """
+    earlier = log.get("earlier")
+    new_steps = log["step"] - (earlier["steps"] if earlier else 0)
+    curve = [round(sum(chunk) / len(chunk), 4) for chunk in (log["losses"][i:i + 25] for i in range(0, len(log["losses"]), 25))]
+    stage = {"steps": new_steps, "wall_time_seconds": round(log["seconds"], 1),
+             "steps_per_second": round(new_steps / log["seconds"], 3),
+             "hardware": {"cpu_count": os.cpu_count(), "machine": platform.machine(),
+                          "torch": torch.__version__, "threads": recipe.threads}}
+    facts = {
+        "steps": log["step"],
+        "wall_time_seconds": stage["wall_time_seconds"],
+        "steps_per_second": stage["steps_per_second"],
+        "final_loss_mean_last_100": round(sum(log["losses"][-100:]) / len(log["losses"][-100:]), 5),
+        "loss_curve_every_25_steps": curve,
+        "hardware": stage["hardware"],
+    }
+    if earlier:
+        first = {k: earlier[k] for k in ("steps", "wall_time_seconds", "steps_per_second", "hardware")}
+        facts["wall_time_seconds"] = round(first["wall_time_seconds"] + stage["wall_time_seconds"], 1)
+        facts["steps_per_second"] = round(log["step"] / facts["wall_time_seconds"], 3)
+        facts["loss_curve_every_25_steps"] = earlier["loss_curve_every_25_steps"] + curve
+        facts["stages"] = [first, {**stage, "continued_from": "the shipped EMA weights, fresh AdamW "
+                                                             "(kandlab train --continue-shipped)"}]
+    return facts
+
+
 def export(recipe: Recipe, ema: UNet | TextToImage, log: dict, out_dir: Path | None = None) -> Path:
     """Write ``<name>.safetensors``, its JSON card and sample grid PNG; refresh the manifest."""
     from safetensors.torch import save_file
@@ -311,14 +379,7 @@ def export(recipe: Recipe, ema: UNet | TextToImage, log: dict, out_dir: Path | N
         "unet_config": asdict(recipe.unet),
         **({"t5_config": asdict(recipe.text)} if recipe.text is not None else {}),
         "parameters": sum(p.numel() for p in ema.parameters()),
-        "steps": log["step"],
-        "wall_time_seconds": round(log["seconds"], 1),
-        "steps_per_second": round(log["step"] / log["seconds"], 3),
-        "final_loss_mean_last_100": round(sum(log["losses"][-100:]) / len(log["losses"][-100:]), 5),
-        "loss_curve_every_25_steps": [round(sum(chunk) / len(chunk), 4)
-                                      for chunk in (log["losses"][i:i + 25] for i in range(0, len(log["losses"]), 25))],
-        "hardware": {"cpu_count": os.cpu_count(), "machine": platform.machine(),
-                     "torch": torch.__version__, "threads": recipe.threads},
+        **_run_facts(recipe, log),
         "score": score,  # the diffusers / Kandinsky 3 start: x_T ~ N(0, I)
         "score_data_mean_start": score_leak,  # start around shapes.dataset_mean (lesson 02)
         "rebuild": f"kandlab train {recipe.name.replace('_', '-')}",

@@ -124,3 +124,50 @@ def test_cli_train_rejects_unknown_recipe_and_bad_steps(capsys):
     assert cli.main(["train", "no-such-recipe"]) == 2
     assert "choose one of: pixel-uncond" in capsys.readouterr().err
     assert cli.main(["train", "pixel-uncond", "--steps", "0"]) == 2
+
+
+def test_continue_shipped_extends_a_shipped_run(tmp_path, monkeypatch):
+    out = tmp_path / "data"
+    monkeypatch.setenv("KANDLAB_DATA", str(out))
+    recipe = _micro_recipe()
+    ema, log = train.train(recipe, run_dir=tmp_path / "first", progress=False)
+    train.export(recipe, ema, log, out_dir=out)
+    shipped = weights.load_tiny_state_dict("micro.safetensors")
+
+    longer = _micro_recipe(steps=5)
+    model, ema_start = train.build_model(longer), train.build_model(longer)
+    log0 = train.continue_shipped(longer, model, ema_start)
+    assert log0["step"] == 2 and log0["losses"] == []
+    for net in (model, ema_start):  # both start at the shipped (EMA) weights
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in shipped.items())
+    # the warm-up restarts at the continued step: the fresh AdamW does not jolt the weights
+    assert train.lr_at(2, longer, since=2) == pytest.approx(longer.lr / longer.warmup)
+
+    ema2, log2 = train.train(longer, run_dir=tmp_path / "second", progress=False, from_shipped=True, steps=3)
+    assert log2["step"] == 3 and len(log2["losses"]) == 1 and log2["earlier"]["steps"] == 2
+
+    ema3, log3 = train.train(longer, run_dir=tmp_path / "second", progress=False)  # resumes the saved state
+    assert log3["step"] == 5 and log3["earlier"]["steps"] == 2
+    train.export(longer, ema3, log3, out_dir=out)
+    card = json.loads((out / "micro.json").read_text())
+    assert card["steps"] == 5 and [s["steps"] for s in card["stages"]] == [2, 3]
+    assert card["wall_time_seconds"] == pytest.approx(sum(s["wall_time_seconds"] for s in card["stages"]), abs=0.11)
+    assert len(card["loss_curve_every_25_steps"]) == 2  # one chunk per stage
+
+
+def test_continue_shipped_refuses_a_checkpoint_of_another_recipe(tmp_path, monkeypatch):
+    out = tmp_path / "data"
+    monkeypatch.setenv("KANDLAB_DATA", str(out))
+    recipe = _micro_recipe()
+    ema, log = train.train(recipe, run_dir=tmp_path / "first", progress=False)
+    train.export(recipe, ema, log, out_dir=out)
+    with pytest.raises(ValueError, match="differs in: lr"):
+        train.train(_micro_recipe(steps=4, lr=1e-2), run_dir=tmp_path / "other", progress=False, from_shipped=True)
+    with pytest.raises(ValueError, match="already has 2 steps"):
+        train.train(_micro_recipe(steps=2), run_dir=tmp_path / "same", progress=False, from_shipped=True)
+
+
+def test_cli_continue_shipped_says_what_to_do(capsys, tmp_path):
+    assert cli.main(["train", "pixel-text", "--continue-shipped", "--steps", "10", "--no-export",
+                     "--run-dir", str(tmp_path)]) == 2
+    assert "ask for more with --steps" in capsys.readouterr().err
