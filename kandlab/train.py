@@ -177,8 +177,8 @@ def continue_shipped(recipe: Recipe, model: UNet | TextToImage, ema: UNet | Text
     state = weights.load_tiny_state_dict(f"{recipe.name}.safetensors")
     model.load_state_dict(state)
     ema.load_state_dict(state)
-    earlier = {k: card[k] for k in ("steps", "wall_time_seconds", "steps_per_second", "loss_curve_every_25_steps")}
-    earlier["hardware"] = card["hardware"]
+    stages = card.get("stages") or [{k: card[k] for k in ("steps", "wall_time_seconds", "steps_per_second", "hardware")}]
+    earlier = {k: card[k] for k in ("steps", "wall_time_seconds", "loss_curve_every_25_steps")} | {"stages": stages}
     return {"step": card["steps"], "seconds": 0.0, "losses": [], "earlier": earlier}
 
 
@@ -346,12 +346,12 @@ def _run_facts(recipe: Recipe, log: dict) -> dict:
         "hardware": stage["hardware"],
     }
     if earlier:
-        first = {k: earlier[k] for k in ("steps", "wall_time_seconds", "steps_per_second", "hardware")}
-        facts["wall_time_seconds"] = round(first["wall_time_seconds"] + stage["wall_time_seconds"], 1)
+        facts["wall_time_seconds"] = round(earlier["wall_time_seconds"] + stage["wall_time_seconds"], 1)
         facts["steps_per_second"] = round(log["step"] / facts["wall_time_seconds"], 3)
         facts["loss_curve_every_25_steps"] = earlier["loss_curve_every_25_steps"] + curve
-        facts["stages"] = [first, {**stage, "continued_from": "the shipped EMA weights, fresh AdamW "
-                                                             "(kandlab train --continue-shipped)"}]
+        facts["stages"] = earlier["stages"] + [
+            {**stage, "continued_from": f"the shipped EMA weights at step {earlier['steps']}, fresh AdamW "
+                                        "(kandlab train --continue-shipped)"}]
     return facts
 
 
