@@ -161,13 +161,14 @@ def continue_shipped(recipe: Recipe, model: UNet | TextToImage, ema: UNet | Text
     at the shipped weights, AdamW starts fresh (with its own warm-up). Returns the
     training log, whose ``earlier`` entry keeps the shipped card's steps, wall time
     and loss curve for the new card. The shipped card must come from this recipe
-    (same model configs and every recipe number but ``steps``).
+    (same model configs and every recipe number but ``steps`` and ``min_snr_gamma``:
+    a new stage may weight its loss differently; the card records each stage's).
     """
     card = weights.load_card(f"{recipe.name}.safetensors")
     mine = json.loads(json.dumps(asdict(recipe)))  # as the card stores it (tuples become lists)
     mine = {"unet_config": mine.pop("unet"), "t5_config": mine.pop("text"), **mine}
     theirs = {"unet_config": card["unet_config"], "t5_config": card.get("t5_config"), **card["recipe"]}
-    differ = sorted(k for k in mine.keys() | theirs.keys() if k != "steps" and mine.get(k) != theirs.get(k))
+    differ = sorted(k for k in mine.keys() | theirs.keys() if k not in ("steps", "min_snr_gamma") and mine.get(k) != theirs.get(k))
     if differ:
         raise ValueError(f"data/{recipe.name}.safetensors was not trained with this recipe (differs in: "
                          f"{', '.join(differ)}); train from scratch instead (drop --continue-shipped)")
@@ -177,7 +178,8 @@ def continue_shipped(recipe: Recipe, model: UNet | TextToImage, ema: UNet | Text
     state = weights.load_tiny_state_dict(f"{recipe.name}.safetensors")
     model.load_state_dict(state)
     ema.load_state_dict(state)
-    stages = card.get("stages") or [{k: card[k] for k in ("steps", "wall_time_seconds", "steps_per_second", "hardware")}]
+    stages = card.get("stages") or [{k: card[k] for k in ("steps", "wall_time_seconds", "steps_per_second", "hardware")}
+                                    | {"min_snr_gamma": card["recipe"].get("min_snr_gamma")}]
     earlier = {k: card[k] for k in ("steps", "wall_time_seconds", "loss_curve_every_25_steps")} | {"stages": stages}
     return {"step": card["steps"], "seconds": 0.0, "losses": [], "earlier": earlier}
 
@@ -334,7 +336,7 @@ def _run_facts(recipe: Recipe, log: dict) -> dict:
     new_steps = log["step"] - (earlier["steps"] if earlier else 0)
     curve = [round(sum(chunk) / len(chunk), 4) for chunk in (log["losses"][i:i + 25] for i in range(0, len(log["losses"]), 25))]
     stage = {"steps": new_steps, "wall_time_seconds": round(log["seconds"], 1),
-             "steps_per_second": round(new_steps / log["seconds"], 3),
+             "steps_per_second": round(new_steps / log["seconds"], 3), "min_snr_gamma": recipe.min_snr_gamma,
              "hardware": {"cpu_count": os.cpu_count(), "machine": platform.machine(),
                           "torch": torch.__version__, "threads": recipe.threads}}
     facts = {

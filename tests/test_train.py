@@ -155,10 +155,13 @@ def test_continue_shipped_extends_a_shipped_run(tmp_path, monkeypatch):
     assert len(card["loss_curve_every_25_steps"]) == 2  # one chunk per stage
 
     # a second continuation keeps the history of both earlier stages
-    ema4, log4 = train.train(_micro_recipe(steps=6), run_dir=tmp_path / "third", progress=False, from_shipped=True)
-    train.export(_micro_recipe(steps=6), ema4, log4, out_dir=out)
+    # and a stage may change the loss weighting (recorded per stage)
+    third = _micro_recipe(steps=6, min_snr_gamma=5.0)
+    ema4, log4 = train.train(third, run_dir=tmp_path / "third", progress=False, from_shipped=True)
+    train.export(third, ema4, log4, out_dir=out)
     card = json.loads((out / "micro.json").read_text())
     assert [s["steps"] for s in card["stages"]] == [2, 3, 1] and len(card["loss_curve_every_25_steps"]) == 3
+    assert [s["min_snr_gamma"] for s in card["stages"]] == [None, None, 5.0]
 
 
 def test_continue_shipped_refuses_a_checkpoint_of_another_recipe(tmp_path, monkeypatch):
