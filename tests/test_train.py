@@ -126,12 +126,17 @@ def test_cli_train_rejects_unknown_recipe_and_bad_steps(capsys):
     assert cli.main(["train", "pixel-uncond", "--steps", "0"]) == 2
 
 
-def test_continue_shipped_extends_a_shipped_run(tmp_path, monkeypatch):
+def _ship_micro(tmp_path, monkeypatch):
+    """Train the micro recipe 2 steps and export it into a temporary data/; return that folder."""
     out = tmp_path / "data"
     monkeypatch.setenv("KANDLAB_DATA", str(out))
-    recipe = _micro_recipe()
-    ema, log = train.train(recipe, run_dir=tmp_path / "first", progress=False)
-    train.export(recipe, ema, log, out_dir=out)
+    ema, log = train.train(_micro_recipe(), run_dir=tmp_path / "first", progress=False)
+    train.export(_micro_recipe(), ema, log, out_dir=out)
+    return out
+
+
+def test_continue_shipped_extends_a_shipped_run(tmp_path, monkeypatch):
+    out = _ship_micro(tmp_path, monkeypatch)
     shipped = weights.load_tiny_state_dict("micro.safetensors")
 
     longer = _micro_recipe(steps=5)
@@ -165,11 +170,7 @@ def test_continue_shipped_extends_a_shipped_run(tmp_path, monkeypatch):
 
 
 def test_continue_shipped_refuses_a_checkpoint_of_another_recipe(tmp_path, monkeypatch):
-    out = tmp_path / "data"
-    monkeypatch.setenv("KANDLAB_DATA", str(out))
-    recipe = _micro_recipe()
-    ema, log = train.train(recipe, run_dir=tmp_path / "first", progress=False)
-    train.export(recipe, ema, log, out_dir=out)
+    _ship_micro(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="differs in: lr"):
         train.train(_micro_recipe(steps=4, lr=1e-2), run_dir=tmp_path / "other", progress=False, from_shipped=True)
     with pytest.raises(ValueError, match="already has 2 steps"):
