@@ -9,6 +9,10 @@ steps, and a resumable state file. ``export`` writes the EMA weights to
 Every shipped checkpoint is rebuilt by one command::
 
     kandlab train pixel-uncond        # lesson 02's unconditional 32×32 model
+    kandlab train pixel-text          # lessons 04-06's text-to-image model
+
+A shipped run whose state file is gone is extended from its weights with
+``kandlab train pixel-text --steps N --continue-shipped`` (`continue_shipped`).
 
 The recipe fixes every number (model config, steps, batch, learning rate,
 seeds), so the same command on the same torch build rebuilds the same file up to
