@@ -290,6 +290,34 @@ def make_timesteps(
     return ts
 
 
+TimestepSampling = Literal["uniform", "logit_normal"]
+
+
+def sample_timesteps(
+    batch: int,
+    num_timesteps: int,
+    sampling: TimestepSampling = "uniform",
+    logit_mean: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Training timesteps :math:`t \in \{0, \dots, T-1\}`, one per sample: (batch,) int64.
+
+    ``"uniform"``: DDPM's Algorithm 1, :math:`t \sim \mathcal{U}\{0, T-1\}` (the default).
+    ``"logit_normal"``: :math:`t/T = \sigma(u),\ u \sim \mathcal{N}(m, 1)` -- the logit-normal
+    sampling of Esser et al. 2024 (SD3, §3.1) on the discrete DDPM grid. Its median is
+    :math:`\sigma(m)\,T`; ``logit_mean`` :math:`m > 0` trains more often at high noise,
+    where a picture's layout (which group goes where, how many objects) is decided.
+    """
+    if sampling == "uniform":
+        return torch.randint(0, num_timesteps, (batch,), generator=generator)
+    if sampling != "logit_normal":
+        raise ValueError(f"timestep sampling must be 'uniform' or 'logit_normal', got {sampling!r}")
+    if not math.isfinite(logit_mean):
+        raise ValueError(f"logit_mean must be a finite number (0: SD3's median T/2; 1: median 0.73·T), got {logit_mean}")
+    u = torch.randn(batch, generator=generator) + logit_mean  # (B,)
+    return (torch.sigmoid(u) * num_timesteps).long().clamp(max=num_timesteps - 1)
+
+
 def min_snr_weight(snr: Tensor, gamma: float) -> Tensor:
     r"""Min-SNR-γ loss weight for ε-prediction (Hang et al. 2023, eq. 7):
     :math:`w_t = \min(\mathrm{SNR}_t, \gamma)/\mathrm{SNR}_t`. ``snr``: (B,) → (B,).

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kandlab import schedules, shapes, weights
-from kandlab.diffusion import GaussianDiffusion, static_threshold
+from kandlab.diffusion import GaussianDiffusion, TimestepSampling, sample_timesteps, static_threshold
 from kandlab.pipeline import Pipeline, Start, TextToImage, config_card, start_mean
 from kandlab.t5 import T5Config
 from kandlab.tokenizer import ShapesTokenizer
@@ -57,6 +57,9 @@ class Recipe:
     num_images: int = 20_000  # a fixed pre-rendered training set (rendering on the fly costs CPU)
     schedule: Literal["cosine", "linear"] = "cosine"  # Kandinsky 3 uses the cosine (squaredcos_cap_v2) schedule
     min_snr_gamma: float | None = None  # None: DDPM's plain ε-loss; 5: Min-SNR-γ weighting (Hang et al. 2023)
+    t_sampling: TimestepSampling = "uniform"  # DDPM's; "logit_normal" trains more at high noise (SD3)
+    t_logit_mean: float = 0.0  # m of the logit-normal t/T = σ(u), u ~ N(m, 1); unused when uniform
+    p_relation: float = 0.5  # fraction of two-group captions ("A above B") in the training set
     seed: int = 0
     sample_every: int = 500
     grid_samples: int = 16  # images in each periodic sample grid
@@ -131,7 +134,8 @@ RECIPES = {"pixel-uncond": pixel_uncond, "pixel-text": pixel_text}
 def render_training_set(recipe: Recipe) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Pre-render ``num_images`` shapes images (N, 3, S, S) in [-1, 1] and, for a text
     recipe, their tokenised captions ``{"input_ids", "attention_mask"}`` (N, L)."""
-    data = shapes.ShapesDataset(size=recipe.image_size, seed=recipe.seed, length=recipe.num_images)
+    data = shapes.ShapesDataset(size=recipe.image_size, seed=recipe.seed, length=recipe.num_images,
+                                p_relation=recipe.p_relation)
     items = [data[i] for i in tqdm(range(len(data)), desc="rendering shapes", leave=False)]
     images = torch.stack([image for image, _ in items])
     tokens = None
@@ -166,6 +170,9 @@ def lr_at(step: int, recipe: Recipe, since: int = 0) -> float:
     return recipe.lr * min(1.0, (step - since + 1) / recipe.warmup)
 
 
+STAGE_FIELDS = ("min_snr_gamma", "t_sampling", "t_logit_mean", "p_relation")  # may change between stages
+
+
 def continue_shipped(recipe: Recipe, model: UNet | TextToImage, ema: UNet | TextToImage) -> dict:
     """Start from the shipped ``data/<name>.safetensors`` (EMA weights) instead of step 0.
 
@@ -173,14 +180,15 @@ def continue_shipped(recipe: Recipe, model: UNet | TextToImage, ema: UNet | Text
     at the shipped weights, AdamW starts fresh (with its own warm-up). Returns the
     training log, whose ``earlier`` entry keeps the shipped card's steps, wall time
     and loss curve for the new card. The shipped card must come from this recipe
-    (same model configs and every recipe number but ``steps`` and ``min_snr_gamma``:
-    a new stage may weight its loss differently; the card records each stage's).
+    (same model configs and every recipe number but ``steps`` and the `STAGE_FIELDS`:
+    a new stage may weight its loss, draw its time steps or mix its captions
+    differently; the card records each stage's).
     """
     card = weights.load_card(f"{recipe.name}.safetensors")
     mine = json.loads(json.dumps(asdict(recipe)))  # as the card stores it (tuples become lists)
     mine = {"unet_config": mine.pop("unet"), "t5_config": mine.pop("text"), **mine}
     theirs = {"unet_config": card["unet_config"], "t5_config": card.get("t5_config"), **card["recipe"]}
-    differ = sorted(k for k in mine.keys() | theirs.keys() if k not in ("steps", "min_snr_gamma") and mine.get(k) != theirs.get(k))
+    differ = sorted(k for k in mine.keys() | theirs.keys() if k not in ("steps", *STAGE_FIELDS) and mine.get(k) != theirs.get(k))
     if differ:
         raise ValueError(f"data/{recipe.name}.safetensors was not trained with this recipe (differs in: "
                          f"{', '.join(differ)}); train from scratch instead (drop --continue-shipped)")
@@ -285,11 +293,12 @@ def train(recipe: Recipe, run_dir: Path | str = "runs", steps: int | None = None
             group["lr"] = lr_at(step, recipe, since)
         idx = torch.randint(0, len(images), (recipe.batch_size,), generator=g)
         x0 = images[idx]  # (B, 3, S, S)
+        t = sample_timesteps(recipe.batch_size, diffusion.num_timesteps, recipe.t_sampling, recipe.t_logit_mean)  # (B,)
         if tokens is None:
-            loss = diffusion.loss(model, x0, min_snr_gamma=recipe.min_snr_gamma)
+            loss = diffusion.loss(model, x0, t, min_snr_gamma=recipe.min_snr_gamma)
         else:
             drop = torch.rand(recipe.batch_size, generator=g) < recipe.cond_dropout  # (B,)
-            loss = diffusion.loss(model, x0, min_snr_gamma=recipe.min_snr_gamma, input_ids=tokens["input_ids"][idx],
+            loss = diffusion.loss(model, x0, t, min_snr_gamma=recipe.min_snr_gamma, input_ids=tokens["input_ids"][idx],
                                   attention_mask=tokens["attention_mask"][idx], drop=drop)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -348,7 +357,7 @@ def _run_facts(recipe: Recipe, log: dict) -> dict:
     new_steps = log["step"] - (earlier["steps"] if earlier else 0)
     curve = [round(sum(chunk) / len(chunk), 4) for chunk in (log["losses"][i:i + 25] for i in range(0, len(log["losses"]), 25))]
     stage = {"steps": new_steps, "wall_time_seconds": round(log["seconds"], 1),
-             "steps_per_second": round(new_steps / log["seconds"], 3), "min_snr_gamma": recipe.min_snr_gamma,
+             "steps_per_second": round(new_steps / log["seconds"], 3), **{k: getattr(recipe, k) for k in STAGE_FIELDS},
              "hardware": {"cpu_count": os.cpu_count(), "machine": platform.machine(),
                           "torch": torch.__version__, "threads": recipe.threads}}
     facts = {

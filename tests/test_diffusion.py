@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kandlab.diffusion import (
+    sample_timesteps,
     GaussianDiffusion,
     cfg_eps,
     dynamic_threshold,
@@ -666,3 +667,35 @@ def test_sample_runs_with_a_progress_bar(gd, capsys):
     x = d.sample(gaussian_denoiser(d.alphas_cumprod), (1, 2), num_steps=3, progress=True)
     assert x.shape == (1, 2) and torch.isfinite(x).all()
     assert "ddpm sampling" in capsys.readouterr().err
+
+
+def test_uniform_timesteps_are_ddpms_draw():
+    torch.manual_seed(3)
+    expected = torch.randint(0, 1000, (64,))
+    torch.manual_seed(3)
+    assert torch.equal(sample_timesteps(64, 1000), expected)  # the shipped recipes' t, unchanged
+
+
+@given(st.floats(-2.0, 2.0))
+@settings(max_examples=10, deadline=None)
+def test_logit_normal_timesteps_have_the_asked_median(mean):
+    g = torch.Generator().manual_seed(0)
+    t = sample_timesteps(20_000, 1000, "logit_normal", logit_mean=mean, generator=g)
+    assert t.dtype == torch.int64 and 0 <= t.min() and t.max() <= 999
+    median = 1000 / (1 + math.exp(-mean))  # t/T = sigmoid(u), u ~ N(m, 1): the median is sigmoid(m)·T
+    assert abs(t.float().median().item() - median) < 15
+
+
+def test_logit_normal_with_positive_mean_favours_high_noise():
+    g = torch.Generator().manual_seed(0)
+    uniform = sample_timesteps(20_000, 1000, generator=g)
+    shifted = sample_timesteps(20_000, 1000, "logit_normal", logit_mean=1.0, generator=g)
+    assert (shifted >= 700).float().mean() > 1.5 * (uniform >= 700).float().mean()
+    assert (shifted < 100).float().mean() < 0.05  # nearly clean steps still appear, rarely
+
+
+def test_timestep_sampling_refuses_unknown_modes():
+    with pytest.raises(ValueError, match="uniform.*logit_normal"):
+        sample_timesteps(4, 1000, "lognormal")
+    with pytest.raises(ValueError, match="logit_mean"):
+        sample_timesteps(4, 1000, "logit_normal", logit_mean=float("nan"))

@@ -160,13 +160,16 @@ def test_continue_shipped_extends_a_shipped_run(tmp_path, monkeypatch):
     assert len(card["loss_curve_every_25_steps"]) == 2  # one chunk per stage
 
     # a second continuation keeps the history of both earlier stages
-    # and a stage may change the loss weighting (recorded per stage)
-    third = _micro_recipe(steps=6, min_snr_gamma=5.0)
+    # and a stage may change its loss weighting, time steps and caption mix (recorded per stage)
+    third = _micro_recipe(steps=6, min_snr_gamma=5.0, t_sampling="logit_normal", t_logit_mean=1.0, p_relation=0.8)
     ema4, log4 = train.train(third, run_dir=tmp_path / "third", progress=False, from_shipped=True)
     train.export(third, ema4, log4, out_dir=out)
     card = json.loads((out / "micro.json").read_text())
     assert [s["steps"] for s in card["stages"]] == [2, 3, 1] and len(card["loss_curve_every_25_steps"]) == 3
     assert [s["min_snr_gamma"] for s in card["stages"]] == [None, None, 5.0]
+    assert card["stages"][1]["t_sampling"] == "uniform" and card["stages"][1]["p_relation"] == 0.5
+    assert (card["stages"][2]["t_sampling"], card["stages"][2]["t_logit_mean"], card["stages"][2]["p_relation"]) == (
+        "logit_normal", 1.0, 0.8)
 
 
 def test_continue_shipped_refuses_a_checkpoint_of_another_recipe(tmp_path, monkeypatch):
