@@ -555,7 +555,7 @@ class GaussianDiffusion(nn.Module):
             _check_min_snr_gamma(min_snr_gamma)  # before the forward pass, not after it
         B = x0.shape[0]
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (B,), device=x0.device)
+            t = sample_timesteps(B, self.num_timesteps).to(x0.device)
         t = self._timesteps(t, B)
         if noise is None:
             noise = torch.randn_like(x0)

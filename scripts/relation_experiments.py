@@ -87,6 +87,7 @@ def layout_t5(steps: int, pretrain_steps: int = 1500) -> None:
     images, tokens = train.render_training_set(recipe)
     diffusion = GaussianDiffusion(recipe.betas())
     opt = torch.optim.AdamW(model.unet.parameters(), lr=recipe.lr, weight_decay=0.0)
+    shipped_steps = weights.load_card("pixel_text.safetensors")["steps"]
     began = time.perf_counter()
     for step in range(steps):
         model.train()
@@ -103,7 +104,6 @@ def layout_t5(steps: int, pretrain_steps: int = 1500) -> None:
         opt.step()
         train.ema_update(ema, model, recipe.ema_decay)
         if (step + 1) % 250 == 0:
-            shipped_steps = weights.load_card("pixel_text.safetensors")["steps"]
             torch.save({"ema": ema.state_dict(), "log": {"step": shipped_steps + step + 1}}, out / "state.pt")
             print(f"phase B step {step + 1}: {(step + 1) / (time.perf_counter() - began):.2f} steps/s", flush=True)
 
