@@ -308,14 +308,19 @@ def sample_timesteps(
     :math:`\sigma(m)\,T`; ``logit_mean`` :math:`m > 0` trains more often at high noise,
     where a picture's layout (which group goes where, how many objects) is decided.
     """
+    check_timestep_sampling(sampling, logit_mean)
     if sampling == "uniform":
         return torch.randint(0, num_timesteps, (batch,), generator=generator)
-    if sampling != "logit_normal":
+    u = torch.randn(batch, generator=generator) + logit_mean  # (B,)
+    return (torch.sigmoid(u) * num_timesteps).long().clamp(max=num_timesteps - 1)
+
+
+def check_timestep_sampling(sampling: str, logit_mean: float) -> None:
+    """Refuse a sampling mode `sample_timesteps` does not know, or a non-finite logit mean."""
+    if sampling not in ("uniform", "logit_normal"):
         raise ValueError(f"timestep sampling must be 'uniform' or 'logit_normal', got {sampling!r}")
     if not math.isfinite(logit_mean):
         raise ValueError(f"logit_mean must be a finite number (0: SD3's median T/2; 1: median 0.73·T), got {logit_mean}")
-    u = torch.randn(batch, generator=generator) + logit_mean  # (B,)
-    return (torch.sigmoid(u) * num_timesteps).long().clamp(max=num_timesteps - 1)
 
 
 def min_snr_weight(snr: Tensor, gamma: float) -> Tensor:

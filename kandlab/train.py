@@ -35,7 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from kandlab import schedules, shapes, weights
-from kandlab.diffusion import GaussianDiffusion, TimestepSampling, sample_timesteps, static_threshold
+from kandlab.diffusion import (GaussianDiffusion, TimestepSampling, check_timestep_sampling, sample_timesteps,
+                               static_threshold)
 from kandlab.pipeline import Pipeline, Start, TextToImage, config_card, start_mean
 from kandlab.t5 import T5Config
 from kandlab.tokenizer import ShapesTokenizer
@@ -73,6 +74,12 @@ class Recipe:
     max_length: int = 16  # tokens per caption, padding included
     guidance: float = 4.0  # guidance scale s of the periodic grids and the exported score
     n_score: int = 512  # fixed prompts (or samples) behind the exported ShapesBench numbers
+
+    def __post_init__(self) -> None:
+        # fail when the recipe is made, not after rendering the training set
+        check_timestep_sampling(self.t_sampling, self.t_logit_mean)
+        if not 0.0 <= self.p_relation <= 1.0:
+            raise ValueError(f"p_relation is the fraction of two-group captions, in [0, 1]; got {self.p_relation}")
 
     def betas(self) -> torch.Tensor:
         return schedules.betas_by_name(self.schedule)

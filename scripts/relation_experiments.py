@@ -33,15 +33,20 @@ SIDE = {("above", 0): 1, ("above", 1): 2, ("below", 0): 2, ("below", 1): 1,
         ("left of", 0): 3, ("left of", 1): 4, ("right of", 0): 4, ("right of", 1): 3}
 
 
+def _n_words(group: shapes.Group) -> int:
+    """How many words the caption spends on one group ("two small red circles": 4)."""
+    return len(shapes.caption(shapes.Scene((group,))).split())
+
+
 def layout_labels(scene: shapes.Scene, length: int) -> list[int]:
     """Per token: the side of its group (see SIDE); relation words and padding: -100 (ignored)."""
     y = [-100] * length
-    n0 = len(shapes._group_words(scene.groups[0]))
+    n0 = _n_words(scene.groups[0])
     if scene.relation is None:
         y[:n0] = [0] * n0
         return y
     start1 = n0 + len(scene.relation.split())
-    n1 = len(shapes._group_words(scene.groups[1]))
+    n1 = _n_words(scene.groups[1])
     y[:n0] = [SIDE[(scene.relation, 0)]] * n0
     y[start1:start1 + n1] = [SIDE[(scene.relation, 1)]] * n1
     return y

@@ -16,12 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kandlab.diffusion import (
-    sample_timesteps,
     GaussianDiffusion,
     cfg_eps,
     dynamic_threshold,
     kandinsky3_cfg_eps,
     make_timesteps,
+    sample_timesteps,
     static_threshold,
 )
 from kandlab.schedules import cosine_betas, linear_betas

@@ -16,6 +16,13 @@ def _micro_recipe(**overrides) -> train.Recipe:
     return train.Recipe(**{**base, **overrides})
 
 
+def test_recipe_refuses_bad_stage_fields_when_made():
+    with pytest.raises(ValueError, match="uniform.*logit_normal"):
+        _micro_recipe(t_sampling="lognormal")
+    with pytest.raises(ValueError, match="p_relation"):
+        _micro_recipe(p_relation=1.5)
+
+
 def test_lr_warms_up_then_stays_constant():
     r = _micro_recipe(lr=1e-3, warmup=10)
     assert train.lr_at(0, r) == pytest.approx(1e-4)
