@@ -27,14 +27,14 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from kandlab import schedules, shapes, weights
+from kandlab import schedules, shapes, text_pretrain, weights
 from kandlab.diffusion import (GaussianDiffusion, TimestepSampling, check_timestep_sampling, sample_timesteps,
                                static_threshold)
 from kandlab.pipeline import Pipeline, Start, TextToImage, config_card, start_mean
@@ -69,7 +69,9 @@ class Recipe:
     threads: int = 1  # 2 OpenMP threads on a busy 2-core machine are far slower than 1
     description: str = ""
     # text-to-image only (``text=None`` trains an unconditional UNet)
-    text: T5Config | None = None  # the tiny T5 encoder, trained jointly with the UNet (GLIDE's recipe)
+    text: T5Config | None = None  # the tiny T5 encoder
+    text_pretrain_steps: int = 0  # 0: T5 trained jointly with the UNet (GLIDE); > 0: first pretrained on the
+    # captions alone for this many steps (`kandlab.text_pretrain`), then frozen (Imagen)
     cond_dropout: float = 0.1  # fraction of captions replaced by the empty context (for guidance)
     max_length: int = 16  # tokens per caption, padding included
     guidance: float = 4.0  # guidance scale s of the periodic grids and the exported score
@@ -80,6 +82,14 @@ class Recipe:
         check_timestep_sampling(self.t_sampling, self.t_logit_mean)
         if not 0.0 <= self.p_relation <= 1.0:
             raise ValueError(f"p_relation is the fraction of two-group captions, in [0, 1]; got {self.p_relation}")
+        if self.text_pretrain_steps < 0 or (self.text_pretrain_steps and self.text is None):
+            raise ValueError(f"text_pretrain_steps={self.text_pretrain_steps}: use 0 (joint T5, or no text) or a "
+                             "positive number of steps for a text recipe (pretrained, then frozen T5)")
+
+    @property
+    def frozen_text(self) -> bool:
+        """Whether the T5 is pretrained on captions and frozen (Imagen) rather than trained jointly (GLIDE)."""
+        return self.text_pretrain_steps > 0
 
     def betas(self) -> torch.Tensor:
         return schedules.betas_by_name(self.schedule)
@@ -138,11 +148,16 @@ RECIPES = {"pixel-uncond": pixel_uncond, "pixel-text": pixel_text}
 # Pieces of the loop
 
 
+def training_data(recipe: Recipe) -> shapes.ShapesDataset:
+    """The fixed training world of a recipe: ``num_images`` items of ``ShapesDataset(seed)``."""
+    return shapes.ShapesDataset(size=recipe.image_size, seed=recipe.seed, length=recipe.num_images,
+                                p_relation=recipe.p_relation)
+
+
 def render_training_set(recipe: Recipe) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Pre-render ``num_images`` shapes images (N, 3, S, S) in [-1, 1] and, for a text
     recipe, their tokenised captions ``{"input_ids", "attention_mask"}`` (N, L)."""
-    data = shapes.ShapesDataset(size=recipe.image_size, seed=recipe.seed, length=recipe.num_images,
-                                p_relation=recipe.p_relation)
+    data = training_data(recipe)
     items = [data[i] for i in tqdm(range(len(data)), desc="rendering shapes", leave=False)]
     images = torch.stack([image for image, _ in items])
     tokens = None
@@ -152,8 +167,25 @@ def render_training_set(recipe: Recipe) -> tuple[torch.Tensor, dict[str, torch.T
 
 
 def build_model(recipe: Recipe) -> UNet | TextToImage:
-    """The network a recipe trains: a bare UNet, or T5 + UNet for a text recipe."""
-    return UNet(recipe.unet) if recipe.text is None else TextToImage(recipe.unet, recipe.text)
+    """The network a recipe trains: a bare UNet, or T5 + UNet for a text recipe
+    (with a frozen T5 when the recipe pretrains it)."""
+    if recipe.text is None:
+        return UNet(recipe.unet)
+    model = TextToImage(recipe.unet, recipe.text)
+    model.t5.requires_grad_(not recipe.frozen_text)
+    return model
+
+
+def pretrain_text(recipe: Recipe, model: TextToImage, progress: bool = True) -> dict:
+    """Imagen's recipe at tiny scale: pretrain ``model.t5`` on the training captions alone
+    (`kandlab.text_pretrain`), then freeze it. Returns the stage's log for the card."""
+    data = training_data(recipe)
+    captions = [shapes.caption(data.scene(i)) for i in range(len(data))]  # text only: no image is rendered
+    config = text_pretrain.PretrainConfig(steps=recipe.text_pretrain_steps)
+    log = text_pretrain.pretrain(model.t5, captions, ShapesTokenizer.from_shapes(max_length=recipe.max_length),
+                                 config, seed=recipe.seed, progress=progress)
+    model.t5.requires_grad_(False)
+    return log
 
 
 def score_prompts(n: int = 512, seed: int = 2024) -> list[str]:
@@ -194,7 +226,8 @@ def continue_shipped(recipe: Recipe, model: UNet | TextToImage, ema: UNet | Text
     card = weights.load_card(f"{recipe.name}.safetensors")
     mine = json.loads(json.dumps(asdict(recipe)))  # as the card stores it (tuples become lists)
     mine = {"unet_config": mine.pop("unet"), "t5_config": mine.pop("text"), **mine}
-    theirs = {"unet_config": card["unet_config"], "t5_config": card.get("t5_config"), **card["recipe"]}
+    defaults = {f.name: f.default for f in fields(Recipe) if f.default is not MISSING}  # fields older cards lack
+    theirs = {"unet_config": card["unet_config"], "t5_config": card.get("t5_config"), **defaults, **card["recipe"]}
     differ = sorted(k for k in mine.keys() | theirs.keys() if k not in ("steps", *STAGE_FIELDS) and mine.get(k) != theirs.get(k))
     if differ:
         raise ValueError(f"data/{recipe.name}.safetensors was not trained with this recipe (differs in: "
@@ -271,7 +304,8 @@ def train(recipe: Recipe, run_dir: Path | str = "runs", steps: int | None = None
 
     model = build_model(recipe)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
+    trained = [p for p in model.parameters() if p.requires_grad]  # a frozen T5 is not the optimiser's
+    opt = torch.optim.AdamW(trained, lr=recipe.lr, weight_decay=0.0)
     diffusion = GaussianDiffusion(recipe.betas())
     log = {"step": 0, "seconds": 0.0, "losses": []}
     state_path = run / "state.pt"
@@ -287,6 +321,9 @@ def train(recipe: Recipe, run_dir: Path | str = "runs", steps: int | None = None
         log = continue_shipped(recipe, model, ema)
         print(f"continuing the shipped {recipe.name} from step {log['step']}")
     since = log["earlier"]["steps"] if "earlier" in log else 0
+    if recipe.frozen_text and log["step"] == 0:
+        log["text_pretrain"] = pretrain_text(recipe, model, progress)
+        ema.t5.load_state_dict(model.t5.state_dict())  # the EMA of a frozen encoder is the encoder
 
     # Rendering 20k images takes ~10 s: skip it when a resumed run has nothing left to do.
     images, tokens = render_training_set(recipe) if log["step"] < steps else (None, None)  # (N, 3, S, S)
@@ -309,7 +346,7 @@ def train(recipe: Recipe, run_dir: Path | str = "runs", steps: int | None = None
                                   attention_mask=tokens["attention_mask"][idx], drop=drop)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         ema_update(ema, model, min(recipe.ema_decay, (1 + step) / (10 + step)))
 
@@ -375,6 +412,8 @@ def _run_facts(recipe: Recipe, log: dict) -> dict:
         "loss_curve_every_25_steps": curve,
         "hardware": stage["hardware"],
     }
+    if "text_pretrain" in log:
+        facts["text_pretrain"] = log["text_pretrain"]  # the T5's stage before the UNet's (frozen after it)
     if earlier:
         facts["wall_time_seconds"] = round(earlier["wall_time_seconds"] + stage["wall_time_seconds"], 1)
         facts["steps_per_second"] = round(log["step"] / facts["wall_time_seconds"], 3)

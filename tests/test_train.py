@@ -16,6 +16,17 @@ def _micro_recipe(**overrides) -> train.Recipe:
     return train.Recipe(**{**base, **overrides})
 
 
+def _micro_text_recipe(**overrides) -> train.Recipe:
+    from kandlab.t5 import T5Config
+    from kandlab.tokenizer import ShapesTokenizer
+
+    unet = UNetConfig.tiny_pixel(block_out_channels=(16, 32), attention_levels=(False, True), groups=8,
+                                 head_dim=16, time_embedding_dim=32, cross_attention_dim=32, encoder_hid_dim=32)
+    text = T5Config.tiny(vocab_size=ShapesTokenizer.from_shapes().vocab_size)
+    text = T5Config(**{**text.__dict__, "d_model": 32})
+    return _micro_recipe(name="microtext", unet=unet, text=text, cond_dropout=0.5, n_score=3, **overrides)
+
+
 def test_recipe_refuses_bad_stage_fields_when_made():
     with pytest.raises(ValueError, match="uniform.*logit_normal"):
         _micro_recipe(t_sampling="lognormal")
@@ -61,14 +72,9 @@ def test_train_resume_and_export(tmp_path, monkeypatch):
 
 def test_text_recipe_trains_exports_and_loads_into_a_pipeline(tmp_path, monkeypatch):
     from kandlab.pipeline import Pipeline
-    from kandlab.t5 import T5Config
     from kandlab.tokenizer import ShapesTokenizer
 
-    unet = UNetConfig.tiny_pixel(block_out_channels=(16, 32), attention_levels=(False, True), groups=8,
-                                 head_dim=16, time_embedding_dim=32, cross_attention_dim=32, encoder_hid_dim=32)
-    text = T5Config.tiny(vocab_size=ShapesTokenizer.from_shapes().vocab_size)
-    text = T5Config(**{**text.__dict__, "d_model": 32})
-    recipe = _micro_recipe(name="microtext", unet=unet, text=text, cond_dropout=0.5, n_score=3)
+    recipe = _micro_text_recipe()
     ema, log = train.train(recipe, run_dir=tmp_path / "runs", progress=False)
     assert log["step"] == 2
     out = tmp_path / "data"
@@ -84,6 +90,39 @@ def test_text_recipe_trains_exports_and_loads_into_a_pipeline(tmp_path, monkeypa
                           ema(x, t, ids["input_ids"], ids["attention_mask"]), atol=1e-6)
     images = pipe(["one red circle", "two blue squares"], steps=2, progress=False)
     assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
+
+
+def test_a_pretrained_text_encoder_stays_frozen_while_the_unet_trains(tmp_path, monkeypatch):
+    recipe = _micro_text_recipe(text_pretrain_steps=3, steps=3)
+    assert recipe.frozen_text and not _micro_text_recipe().frozen_text
+    torch.manual_seed(recipe.seed)
+    untrained = train.build_model(recipe)  # the same initial weights as train() draws
+    ema, log = train.train(recipe, run_dir=tmp_path / "runs", progress=False)
+    state = torch.load(tmp_path / "runs" / "microtext" / "state.pt", weights_only=False)
+    t5_keys = [k for k in state["model"] if k.startswith("t5.")]
+    unet_keys = [k for k in state["model"] if k.startswith("unet.")]
+    # pretraining changed the T5; the three UNet steps then left it exactly as pretrained, in model and EMA
+    assert any(not torch.equal(state["model"][k], untrained.state_dict()[k]) for k in t5_keys)
+    assert all(torch.equal(state["model"][k], ema.state_dict()[k]) for k in t5_keys)
+    assert len(state["opt"]["param_groups"][0]["params"]) == len(list(untrained.unet.parameters()))
+    assert any(not torch.equal(state["model"][k], untrained.state_dict()[k]) for k in unet_keys)
+    assert log["text_pretrain"]["steps"] == 3 and set(log["text_pretrain"]["held_out_accuracy"]) >= {"side", "count"}
+    # resuming neither pretrains again nor unfreezes
+    ema2, log2 = train.train(recipe, run_dir=tmp_path / "runs", progress=False)
+    assert log2["text_pretrain"] == log["text_pretrain"]
+    assert all(torch.equal(ema2.state_dict()[k], ema.state_dict()[k]) for k in t5_keys)
+    out = tmp_path / "data"
+    monkeypatch.setenv("KANDLAB_DATA", str(out))
+    train.export(recipe, ema, log, out_dir=out)
+    card = json.loads((out / "microtext.json").read_text())
+    assert card["recipe"]["text_pretrain_steps"] == 3 and card["text_pretrain"] == log["text_pretrain"]
+
+
+def test_recipe_refuses_text_pretraining_without_text_or_below_zero():
+    with pytest.raises(ValueError, match="text_pretrain_steps"):
+        _micro_recipe(text_pretrain_steps=10)  # an unconditional recipe has no T5
+    with pytest.raises(ValueError, match="text_pretrain_steps"):
+        _micro_text_recipe(text_pretrain_steps=-1)
 
 
 def test_shipped_unconditional_model_loads_and_denoises():
