@@ -147,7 +147,7 @@ def train_command(args: argparse.Namespace) -> int:
     try:
         ema, log = train.train(recipe, run_dir=args.run_dir, resume=not args.restart,
                                from_shipped=args.continue_shipped)
-    except (ValueError, FileNotFoundError) as err:  # --continue-shipped on a checkpoint it cannot continue
+    except (train.CannotContinue, FileNotFoundError) as err:  # --continue-shipped: nothing (usable) to continue
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.export:

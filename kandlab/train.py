@@ -209,6 +209,10 @@ def lr_at(step: int, recipe: Recipe, since: int = 0) -> float:
     return recipe.lr * min(1.0, (step - since + 1) / recipe.warmup)
 
 
+class CannotContinue(ValueError):
+    """The shipped checkpoint cannot be continued by this recipe (`continue_shipped`)."""
+
+
 STAGE_FIELDS = ("min_snr_gamma", "t_sampling", "t_logit_mean", "p_relation")  # may change between stages
 
 
@@ -230,10 +234,10 @@ def continue_shipped(recipe: Recipe, model: UNet | TextToImage, ema: UNet | Text
     theirs = {"unet_config": card["unet_config"], "t5_config": card.get("t5_config"), **defaults, **card["recipe"]}
     differ = sorted(k for k in mine.keys() | theirs.keys() if k not in ("steps", *STAGE_FIELDS) and mine.get(k) != theirs.get(k))
     if differ:
-        raise ValueError(f"data/{recipe.name}.safetensors was not trained with this recipe (differs in: "
+        raise CannotContinue(f"data/{recipe.name}.safetensors was not trained with this recipe (differs in: "
                          f"{', '.join(differ)}); train from scratch instead (drop --continue-shipped)")
     if card["steps"] >= recipe.steps:
-        raise ValueError(f"data/{recipe.name}.safetensors already has {card['steps']} steps; "
+        raise CannotContinue(f"data/{recipe.name}.safetensors already has {card['steps']} steps; "
                          f"ask for more with --steps (got {recipe.steps})")
     state = weights.load_tiny_state_dict(f"{recipe.name}.safetensors")
     model.load_state_dict(state)
