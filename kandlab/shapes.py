@@ -734,6 +734,44 @@ def score(images, captions: Sequence[str]) -> dict[str, float]:
     return result
 
 
+_OPPOSITE_WORD = {"above": "below", "below": "above", "left": "right", "right": "left"}
+
+
+def swap_relation(text: str) -> str:
+    """The caption with its relation reversed ("… above …" → "… below …", "left of" ↔ "right of");
+    a one-group caption comes back unchanged."""
+    parse_caption(text)  # a clear error for a caption outside the grammar
+    return " ".join(_OPPOSITE_WORD.get(word, word) for word in text.split())
+
+
+def relation_shift(captions: Sequence[str], images, swapped_images) -> dict[str, float | int | None]:
+    """Does a picture follow its relation word? For each two-group caption, compare the image drawn
+    for it with the one drawn for `swap_relation` of it (same noise, or same layout seed): how far
+    does the first group's mean blob centre move, in px along the relation's axis, towards the
+    side the caption puts it on?
+
+    Returns ``{"px": mean move, "pairs": pairs where both images show the first group's colour}``
+    (``px`` None when there is no such pair). A bag-of-words model scores ~0; the shapes world
+    itself ~16 px at 32×32. One-group captions are skipped.
+    """
+    images, swapped_images = _as_image_batch(images), _as_image_batch(swapped_images)
+    if not len(captions) == len(images) == len(swapped_images):
+        raise ValueError(f"got {len(captions)} captions, {len(images)} images and {len(swapped_images)} swapped "
+                         "images; pass one image of each kind per caption")
+    shifts = []
+    for text, as_written, swapped in zip(captions, images, swapped_images):
+        scene = parse_caption(text)
+        if scene.relation is None:
+            continue
+        axis = 0 if scene.relation in ("left of", "right of") else 1  # 0: x, 1: y
+        sign = -1.0 if scene.relation in ("left of", "above") else 1.0  # the caption's side: smaller / larger
+        first = scene.groups[0].colour
+        centres = [[b.centre[axis] for b in detect(im) if b.colour == first] for im in (as_written, swapped)]
+        if all(centres):
+            shifts.append(sign * (np.mean(centres[0]) - np.mean(centres[1])))
+    return {"px": round(float(np.mean(shifts)), 2) if shifts else None, "pairs": len(shifts)}
+
+
 # ---------------------------------------------------------------------------
 # 6. A figure for the lessons
 # ---------------------------------------------------------------------------

@@ -395,6 +395,23 @@ def score_model(recipe: Recipe, model: UNet | TextToImage, diffusion: GaussianDi
             "prompt_set": "kandlab.train.score_prompts(n) = captions of ShapesDataset(seed=2024)"}, samples
 
 
+def score_relations(recipe: Recipe, model: TextToImage, diffusion: GaussianDiffusion, n: int = 128,
+                    steps: int = 25) -> dict:
+    """`shapes.relation_shift` of a text model on the two-group prompts among the first ``n`` score
+    prompts — each drawn as written and with its relation swapped, from the same noise — and of the
+    shapes world itself (the same prompts rendered with the same layout seed), for reference."""
+    pipe = Pipeline(model, ShapesTokenizer.from_shapes(max_length=recipe.max_length), diffusion, recipe.image_size)
+    two = [p for p in score_prompts(n) if shapes.parse_caption(p).relation]
+    swapped = [shapes.swap_relation(p) for p in two]
+    drawn = [pipe(batch, steps=steps, guidance=recipe.guidance, seed=7, progress=False) if two else []
+             for batch in (two, swapped)]
+    rendered = [[shapes.render(shapes.parse_caption(p), recipe.image_size, i) for i, p in enumerate(batch)]
+                for batch in (two, swapped)]
+    return {"model": shapes.relation_shift(two, *drawn), "data": shapes.relation_shift(two, *rendered),
+            "sampler": f"DDIM {steps} steps, guidance {recipe.guidance}, static threshold, start noise, seed 7",
+            "prompts": f"the two-group prompts among score_prompts({n})"}
+
+
 def _run_facts(recipe: Recipe, log: dict) -> dict:
     """Steps, wall time, speed, loss curve and hardware of a training log, for the card.
 
@@ -455,6 +472,8 @@ def export(recipe: Recipe, ema: UNet | TextToImage, log: dict, out_dir: Path | N
         **_run_facts(recipe, log),
         "score": score,  # the diffusers / Kandinsky 3 start: x_T ~ N(0, I)
         "score_data_mean_start": score_leak,  # start around shapes.dataset_mean (lesson 02)
+        **({"relation_shift": score_relations(recipe, ema, diffusion, min(recipe.n_score, 128))}
+           if recipe.text is not None else {}),
         "rebuild": f"kandlab train {recipe.name.replace('_', '-')}",
         "sha256": weights.sha256_file(path),
     }

@@ -337,3 +337,27 @@ def test_unconditional_stats_on_dataset_images():
     assert 1.0 <= stats["colours"] <= 2.0 and 1.0 <= stats["blobs"] <= 6.0
     noise = torch.rand(50, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert S.unconditional_stats(noise)["plausible"] <= 0.05
+
+
+def test_swap_relation_reverses_only_the_relation():
+    assert S.swap_relation("two red circles above a blue square") == "two red circles below a blue square"
+    assert S.swap_relation("a red circle right of a blue square") == "a red circle left of a blue square"
+    assert S.swap_relation("three small green triangles") == "three small green triangles"
+    with pytest.raises(ValueError, match="unknown word"):
+        S.swap_relation("a red circel above a blue square")
+
+
+def test_relation_shift_of_the_shapes_world_is_large_and_of_a_bag_of_words_zero():
+    data = S.ShapesDataset(seed=5, length=64, p_relation=1.0)
+    captions = [S.caption(data.scene(i)) for i in range(len(data))]
+    as_written = [S.render(S.parse_caption(c), 32, i) for i, c in enumerate(captions)]
+    swapped = [S.render(S.parse_caption(S.swap_relation(c)), 32, i) for i, c in enumerate(captions)]
+    world = S.relation_shift(captions, as_written, swapped)
+    assert world["pairs"] == 64 and world["px"] > 10, world  # every group goes where its caption says
+    assert S.relation_shift(captions, swapped, as_written)["px"] == -world["px"]  # the wrong side: negative
+    same = S.relation_shift(captions, as_written, as_written)  # a model deaf to the relation word
+    assert same == {"px": 0.0, "pairs": 64}
+    one_group = ["a red circle"]
+    assert S.relation_shift(one_group, as_written[:1], as_written[:1]) == {"px": None, "pairs": 0}
+    with pytest.raises(ValueError, match="one image of each kind per caption"):
+        S.relation_shift(captions, as_written, swapped[:-1])
