@@ -38,7 +38,7 @@ from kandlab import schedules, shapes, text_pretrain, weights
 from kandlab.diffusion import (GaussianDiffusion, TimestepSampling, check_timestep_sampling, sample_timesteps,
                                static_threshold)
 from kandlab.pipeline import Pipeline, Start, TextToImage, config_card, start_mean
-from kandlab.t5 import T5Config
+from kandlab.t5 import T5Config, T5Encoder
 from kandlab.tokenizer import ShapesTokenizer
 from kandlab.unet import UNet, UNetConfig
 
@@ -489,3 +489,14 @@ def load_tiny_unet(name: str) -> UNet:
     model = UNet(config)
     model.load_state_dict(weights.load_tiny_state_dict(f"{name}.safetensors"))
     return model.eval().requires_grad_(False)
+
+
+def load_tiny_t5(name: str) -> T5Encoder:
+    """Load a shipped tiny T5 encoder on its own (``data/<name>.safetensors`` + its card), e.g. the jointly
+    trained ``pixel_text_joint_t5`` that lesson 04 compares with the shipped one."""
+    card = weights.load_card(f"{name}.safetensors")
+    if "unet_config" in card:
+        raise ValueError(f"data/{name} is a whole text-to-image model; use Pipeline.from_tiny({name!r}).model.t5")
+    encoder = T5Encoder(T5Config(**card["t5_config"]))
+    encoder.load_state_dict(weights.load_tiny_state_dict(f"{name}.safetensors"))
+    return encoder.eval().requires_grad_(False)

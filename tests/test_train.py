@@ -230,3 +230,19 @@ def test_cli_continue_shipped_says_what_to_do(capsys, tmp_path):
     assert cli.main(["train", "pixel-text", "--continue-shipped", "--steps", "10", "--no-export",
                      "--run-dir", str(tmp_path)]) == 2
     assert "ask for more with --steps" in capsys.readouterr().err
+
+
+def test_the_jointly_trained_t5_kept_for_lesson_04_loads_and_keeps_its_models_numbers():
+    if "pixel_text_joint_t5.safetensors" not in weights.read_manifest():
+        pytest.skip("pixel_text_joint_t5 not shipped")
+    from kandlab.tokenizer import ShapesTokenizer
+
+    encoder = train.load_tiny_t5("pixel_text_joint_t5")
+    card = weights.load_card("pixel_text_joint_t5.safetensors")
+    assert sum(p.numel() for p in encoder.parameters()) == card["parameters"]
+    ids = ShapesTokenizer.from_shapes()(["two red circles above a blue square"])
+    assert torch.isfinite(encoder(ids["input_ids"], ids["attention_mask"])).all()
+    source = card["source"]
+    assert source["score"]["prompts"] >= 500 and source["relation_shift"]["model"]["pairs"] > 50
+    with pytest.raises(ValueError, match="Pipeline.from_tiny"):
+        train.load_tiny_t5("pixel_text")
