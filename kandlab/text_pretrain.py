@@ -48,7 +48,7 @@ FIELDS: dict[str, tuple] = {
     "count": tuple(shapes.COUNTS),  # 1, 2, 3
     "colour": tuple(shapes.COLOURS),
     "shape": shapes.SHAPES,
-    "size": (None, *shapes.SIZES),  # None: the caption does not say
+    "size": ("unsaid", *shapes.SIZES),  # the size word is optional
 }
 
 # Where "groups[0] <relation> groups[1]" puts each group.
@@ -85,7 +85,7 @@ def word_labels(text: str, length: int) -> dict[str, list[int]]:
     for group, side in zip(scene.groups, sides):
         n = _n_words(group)
         values = {"side": side, "count": group.count, "colour": group.colour, "shape": group.shape,
-                  "size": group.size}
+                  "size": group.size or "unsaid"}
         for field, value in values.items():
             stop = min(start + n, length)  # a caption cut by the tokenizer keeps its first words
             labels[field][start:stop] = [FIELDS[field].index(value)] * max(stop - start, 0)
