@@ -6,8 +6,9 @@
     python scripts/relation_experiments.py frozen 8000     # from step 0: T5 pretrained on the captions, then frozen
 
 Each saves ``runs/<arm>/pixel_text/state.pt`` every 250 steps; stop it when you like. The two continuations
-ran on one core each (session 5); ``frozen`` is the recipe option `train.Recipe.text_pretrain_steps` and
-runs on both cores (session 6).
+ran on one core each (session 5) from the jointly trained model shipped then (it is this file at commit 7b3c046
+that continues it: ``data/pixel_text.safetensors`` is now the frozen-T5 model). ``frozen`` is the recipe option
+`train.Recipe.text_pretrain_steps` on both cores (session 6); stopped at 5,000 steps it is the shipped pixel_text.
 
 Session 5 also had an arm ``layout-t5`` (the shipped T5 taught each word's side of the picture, then frozen,
 the shipped UNet continued); it is this file at commit 7b3c046. ``frozen`` replaces it: the same idea as a

@@ -61,13 +61,14 @@ def test_card_reports_shapesbench_on_at_least_500_prompts():
 
 def test_shipped_model_draws_what_the_prompt_asks(pipe):
     """A quality floor that can fail: the first 32 ShapesBench prompts, DDIM 25, guidance 4, the default
-    start N(0, I). Measured on this case: the shipped model (3,000 plain + 3,000 Min-SNR-5 steps) gives
-    colour 1.00, shape 0.81, count 0.50, position 0.33, overall 0.25; the previous checkpoint (3,000 plain
-    steps) gives colour 0.84, shape 0.53, overall 0.16 — which fails."""
+    start N(0, I). Measured on this case: the shipped model (T5 pretrained and frozen, 5,000 UNet steps)
+    gives colour 1.00, shape 0.81, count 0.56, position 0.53, overall 0.375; the previous, jointly trained
+    checkpoint gives colour 1.00, shape 0.81, count 0.50, position 0.33, overall 0.25, and the one before it
+    (3,000 plain steps) colour 0.84, shape 0.53, overall 0.16 — both fail."""
     from kandlab import shapes, train
 
     prompts = train.score_prompts(32)
     images = pipe(prompts, steps=25, guidance=4.0, seed=0, progress=False)
     result = shapes.score(images, prompts)
     assert result["colour"] >= 0.94 and result["shape"] >= 0.7, result
-    assert result["overall"] >= 0.2, result
+    assert result["overall"] >= 0.3, result
