@@ -636,6 +636,14 @@ def detect(image: torch.Tensor | np.ndarray) -> list[Blob]:
     return _blobs_from_codes(_colour_codes(arr[None])[0])
 
 
+def _relation_axis(relation: Relation) -> tuple[int, float]:
+    """Where "A <relation> B" puts A: the axis (0: x, 1: y, image coordinates) and the sign
+    that makes A's coordinate minus B's positive on the caption's side."""
+    axis = 0 if relation in ("left of", "right of") else 1
+    sign = -1.0 if relation in ("left of", "above") else 1.0  # left and up are smaller coordinates
+    return axis, sign
+
+
 def _judge(blobs: list[Blob], scene: Scene, size: int) -> dict[str, bool]:
     """Per-category verdicts for one image; see `score` for the definitions."""
     by_colour: dict[str, list[Blob]] = {}
@@ -653,14 +661,11 @@ def _judge(blobs: list[Blob], scene: Scene, size: int) -> dict[str, bool]:
         if not a or not b:
             position = False
         else:
-            axis = 0 if scene.relation in ("left of", "right of") else 1
+            axis, sign = _relation_axis(scene.relation)
             centre_a = np.mean([blob.centre[axis] for blob in a])
             centre_b = np.mean([blob.centre[axis] for blob in b])
             margin = _RELATION_MARGIN * size / 32
-            if scene.relation in ("left of", "above"):
-                position = bool(centre_a < centre_b - margin)
-            else:
-                position = bool(centre_a > centre_b + margin)
+            position = bool(sign * (centre_a - centre_b) > margin)  # a on the caption's side of b
     overall = colour and shape and count and position
     return {
         "colour": colour, "shape": shape, "count": count, "position": position, "overall": overall
@@ -763,8 +768,7 @@ def relation_shift(captions: Sequence[str], images, swapped_images) -> dict[str,
         scene = parse_caption(text)
         if scene.relation is None:
             continue
-        axis = 0 if scene.relation in ("left of", "right of") else 1  # 0: x, 1: y
-        sign = -1.0 if scene.relation in ("left of", "above") else 1.0  # the caption's side: smaller / larger
+        axis, sign = _relation_axis(scene.relation)
         first = scene.groups[0].colour
         centres = [[b.centre[axis] for b in detect(im) if b.colour == first] for im in (as_written, swapped)]
         if all(centres):

@@ -136,7 +136,7 @@ def pixel_text() -> Recipe:
         steps=5000,  # the LR is constant: `kandlab train pixel-text --steps N --continue-shipped` extends the shipped run
         min_snr_gamma=5.0,
         num_images=50_000,
-        threads=2,  # both cores: 0.9 steps/s against 0.75 on one
+        threads=2,  # both cores: 0.86 steps/s measured (card) against ~0.75 on one
         sample_every=500,
         description="Text-conditioned tiny Kandinsky-3 UNet on 32×32 captioned shapes, 10% condition dropout, with a "
                     "tiny T5 pretrained on the captions alone and then frozen (lessons 04-06).",
