@@ -144,14 +144,17 @@ def train_command(args: argparse.Namespace) -> int:
             print("--steps must be at least 1", file=sys.stderr)
             return 2
         recipe.steps = args.steps
+    continues = args.continue_shipped or args.recipe in train.CONTINUATIONS
+    run_dir = Path(args.run_dir) / args.recipe if args.recipe in train.CONTINUATIONS else args.run_dir  # not stage 1's state
     try:
-        ema, log = train.train(recipe, run_dir=args.run_dir, resume=not args.restart,
-                               from_shipped=args.continue_shipped)
+        ema, log = train.train(recipe, run_dir=run_dir, resume=not args.restart, from_shipped=continues)
     except (train.CannotContinue, FileNotFoundError) as err:  # --continue-shipped: nothing (usable) to continue
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.export:
-        path = train.export(recipe, ema, log)
+        command = (f"kandlab train {args.recipe}" + (f" --steps {args.steps}" if args.steps is not None else "")
+                   + (" --continue-shipped" if args.continue_shipped else ""))
+        path = train.export(recipe, ema, log, command=command)
         print(f"wrote {path} ({log['step']} steps in {log['seconds'] / 60:.1f} min)")
     return 0
 
@@ -245,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="pixel_text", help="shipped model in data/ (default pixel_text)")
     p.set_defaults(func=generate_command)
     p = sub.add_parser("train", help="rebuild a shipped tiny model from its recipe")
-    p.add_argument("recipe", help="recipe name, e.g. pixel-uncond")
+    p.add_argument("recipe", help="recipe name: pixel-uncond, pixel-text, or pixel-text-layout (pixel-text's "
+                                  "second stage: it continues data/pixel_text.safetensors, state in runs/pixel-text-layout/)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     p.add_argument("--run-dir", default="runs", help="where state, logs and sample grids go (default: runs/)")
     p.add_argument("--restart", action="store_true", help="ignore a saved state and start from scratch")

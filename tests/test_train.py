@@ -1,5 +1,7 @@
 """The training loop, export and shipped-checkpoint loading, on a very small config."""
+import dataclasses
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -178,6 +180,7 @@ def _ship_micro(tmp_path, monkeypatch):
     monkeypatch.setenv("KANDLAB_DATA", str(out))
     ema, log = train.train(_micro_recipe(), run_dir=tmp_path / "first", progress=False)
     train.export(_micro_recipe(), ema, log, out_dir=out)
+    (tmp_path / "first_card.json").write_text((out / "micro.json").read_text())
     return out
 
 
@@ -204,6 +207,9 @@ def test_continue_shipped_extends_a_shipped_run(tmp_path, monkeypatch):
     assert card["steps"] == 5 and [s["steps"] for s in card["stages"]] == [2, 3]
     assert card["wall_time_seconds"] == pytest.approx(sum(s["wall_time_seconds"] for s in card["stages"]), abs=0.11)
     assert len(card["loss_curve_every_25_steps"]) == 2  # one chunk per stage
+    first_card = json.loads((tmp_path / "first_card.json").read_text())
+    assert card["stages"][0]["score_at_end"] == first_card["score"]  # what stage 1 shipped with
+    assert card["rebuild"] == "kandlab train micro, then kandlab train micro --continue-shipped"
 
     # a second continuation keeps the history of both earlier stages
     # and a stage may change its loss weighting, time steps and caption mix (recorded per stage)
@@ -224,6 +230,27 @@ def test_continue_shipped_refuses_a_checkpoint_of_another_recipe(tmp_path, monke
         train.train(_micro_recipe(steps=4, lr=1e-2), run_dir=tmp_path / "other", progress=False, from_shipped=True)
     with pytest.raises(ValueError, match="already has 2 steps"):
         train.train(_micro_recipe(steps=2), run_dir=tmp_path / "same", progress=False, from_shipped=True)
+
+
+def test_the_layout_stage_continues_the_shipped_text_model():
+    """`pixel_text_layout` is stage 2 of `pixel_text`: it may change only the stage and machine fields,
+    and `kandlab train pixel-text-layout` continues data/pixel_text (it cannot start from step 0)."""
+    stage1, stage2 = train.pixel_text(), train.pixel_text_layout()
+    card = json.loads(json.dumps({"recipe": asdict(stage1), "unet_config": asdict(stage1.unet),
+                                  "t5_config": asdict(stage1.text)}))
+    for k in ("unet", "text"):
+        card["recipe"].pop(k)
+    assert train.recipe_differences(stage2, card) == []
+    assert train.recipe_differences(dataclasses.replace(stage2, lr=1e-3), card) == ["lr"]
+    assert stage2.name == stage1.name and stage2.steps > stage1.steps
+    assert (stage2.t_sampling, stage2.t_logit_mean) == ("logit_normal", 1.5)
+    assert "pixel-text-layout" in train.CONTINUATIONS
+
+
+def test_cli_layout_stage_refuses_to_shorten_the_shipped_model(capsys, tmp_path):
+    assert cli.main(["train", "pixel-text-layout", "--steps", "10", "--no-export", "--run-dir", str(tmp_path)]) == 2
+    assert "ask for more with --steps" in capsys.readouterr().err
+    assert not (tmp_path / "pixel_text").exists()  # its state would go to runs/pixel-text-layout/, not stage 1's
 
 
 def test_cli_continue_shipped_says_what_to_do(capsys, tmp_path):
