@@ -1,0 +1,68 @@
+"""The layout stage's progress table in the README: score a text model's EMA weights on the first 128 fixed
+prompts (DDIM 25, guidance 4, N(0, I) start, seed 1234 + batch offset), split into one- and two-group
+prompts, plus the relation shift over the first 48 two-group prompts among score_prompts(256) (seed 7).
+
+    python scripts/layout_probe.py runs/late/pixel_text/state.pt late-6500   # a run's saved state (copied first)
+    python scripts/layout_probe.py pixel_text.safetensors shipped            # a shipped checkpoint in data/
+
+One thread, about 4 minutes beside a training run. Appends one JSON line to runs/layout_probe.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kandlab import shapes, train, weights
+from kandlab.pipeline import Pipeline
+from kandlab.tokenizer import ShapesTokenizer
+
+
+def load(source: str) -> tuple[torch.nn.Module, int | str]:
+    recipe = train.pixel_text()
+    model = train.build_model(recipe)
+    if source.endswith(".pt"):
+        with tempfile.TemporaryDirectory() as tmp:  # the run rewrites its state every 250 steps
+            copy = Path(tmp) / "state.pt"
+            shutil.copy(source, copy)
+            state = torch.load(copy, weights_only=False)
+        model.load_state_dict(state["ema"])
+        return model, state["log"]["step"]
+    model.load_state_dict(weights.load_tiny_state_dict(source))
+    return model, weights.load_card(source)["steps"]
+
+
+def main() -> None:
+    source, tag = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    start = time.time()
+    model, step = load(source)
+    recipe = train.pixel_text()
+    pipe = Pipeline(model, ShapesTokenizer.from_shapes(max_length=recipe.max_length), train.GaussianDiffusion(recipe.betas()))
+    prompts = train.score_prompts(128)
+    images = torch.cat([pipe(prompts[i:i + 64], steps=25, seed=1234 + i, progress=False) for i in range(0, 128, 64)])
+    verdicts = shapes.score_per_image(images, prompts)
+    two_group = [shapes.parse_caption(p).relation is not None for p in prompts]
+    out = {"tag": tag, "step": step, "all": {k: round(v, 3) for k, v in shapes.score(images, prompts).items()}}
+    for name, keep in (("one", [not r for r in two_group]), ("two", two_group)):
+        group = [v for v, k in zip(verdicts, keep) if k]
+        out[name] = {k: round(float(np.mean([v[k] for v in group])), 3)
+                     for k in ("colour", "shape", "count", "position", "overall")}
+    pairs = [p for p in train.score_prompts(256) if shapes.parse_caption(p).relation][:48]
+    drawn = [pipe(batch, steps=25, seed=7, progress=False) for batch in (pairs, [shapes.swap_relation(p) for p in pairs])]
+    out["shift"] = shapes.relation_shift(pairs, *drawn)
+    out["seconds"] = round(time.time() - start)
+    print(json.dumps(out))
+    Path("runs").mkdir(exist_ok=True)
+    with open("runs/layout_probe.jsonl", "a") as f:
+        f.write(json.dumps(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()
