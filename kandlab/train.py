@@ -244,11 +244,13 @@ def continue_shipped(recipe: Recipe, model: UNet | TextToImage, ema: UNet | Text
 
     For extending a shipped run whose state file is gone: model and EMA both start
     at the shipped weights, AdamW starts fresh (with its own warm-up). Returns the
-    training log, whose ``earlier`` entry keeps the shipped card's steps, wall time
-    and loss curve for the new card. The shipped card must come from this recipe
-    (same model configs and every recipe number but ``steps`` and the `STAGE_FIELDS`:
-    a new stage may weight its loss, draw its time steps or mix its captions
-    differently; the card records each stage's).
+    training log, whose ``earlier`` entry keeps the shipped card's steps, wall time,
+    loss curve, stages (the last one with the scores the checkpoint ended it with) and
+    rebuild command for the new card. The shipped card must come from this recipe
+    (`recipe_differences`: same model configs and every recipe number but the
+    `MACHINE_FIELDS` and `STAGE_FIELDS` -- a new stage may run longer on other cores,
+    weight its loss, draw its time steps or mix its captions differently; the card
+    records each stage's).
     """
     card = weights.load_card(f"{recipe.name}.safetensors")
     differ = recipe_differences(recipe, card)
