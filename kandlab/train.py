@@ -275,11 +275,19 @@ def continue_shipped(recipe: Recipe, model: UNet | TextToImage, ema: UNet | Text
     return log
 
 
+def recipe_card(recipe: Recipe) -> dict:
+    """The part of a card that says how a checkpoint was trained: ``recipe`` (every field but the model
+    configs), ``unet_config`` and, for a text recipe, ``t5_config``."""
+    return {"recipe": {k: v for k, v in asdict(recipe).items() if k not in ("unet", "text")},
+            "unet_config": asdict(recipe.unet),
+            **({"t5_config": asdict(recipe.text)} if recipe.text is not None else {})}
+
+
 def recipe_differences(recipe: Recipe, card: dict) -> list[str]:
     """The recipe fields (and model configs) in which ``recipe`` differs from the one a shipped ``card``
     was trained with, leaving out those a continuation may change (`MACHINE_FIELDS`, `STAGE_FIELDS`)."""
-    mine = json.loads(json.dumps(asdict(recipe)))  # as the card stores it (tuples become lists)
-    mine = {"unet_config": mine.pop("unet"), "t5_config": mine.pop("text"), **mine}
+    mine = json.loads(json.dumps(recipe_card(recipe)))  # as the card stores it (tuples become lists)
+    mine = {"unet_config": mine["unet_config"], "t5_config": mine.get("t5_config"), **mine["recipe"]}
     defaults = {f.name: f.default for f in fields(Recipe) if f.default is not MISSING}  # fields older cards lack
     theirs = {"unet_config": card["unet_config"], "t5_config": card.get("t5_config"), **defaults, **card["recipe"]}
     free = (*MACHINE_FIELDS, *STAGE_FIELDS)
@@ -508,9 +516,7 @@ def export(recipe: Recipe, ema: UNet | TextToImage, log: dict, out_dir: Path | N
     card = {
         "name": recipe.name,
         "description": recipe.description,
-        "recipe": {k: v for k, v in asdict(recipe).items() if k not in ("unet", "text")},
-        "unet_config": asdict(recipe.unet),
-        **({"t5_config": asdict(recipe.text)} if recipe.text is not None else {}),
+        **recipe_card(recipe),
         "parameters": sum(p.numel() for p in ema.parameters()),
         **_run_facts(recipe, log),
         "score": score,  # the diffusers / Kandinsky 3 start: x_T ~ N(0, I)

@@ -3,47 +3,32 @@ prompts (DDIM 25, guidance 4, N(0, I) start, seed 1234 + batch offset), split in
 prompts, plus the relation shift over the first 48 two-group prompts among score_prompts(256) (seed 7).
 
     python scripts/layout_probe.py runs/late/pixel_text/state.pt late-6500   # a run's saved state (copied first)
-    python scripts/layout_probe.py pixel_text.safetensors shipped            # a shipped checkpoint in data/
+    python scripts/layout_probe.py shipped shipped                           # data/pixel_text.safetensors
 
 One thread, about 4 minutes beside a training run. Appends one JSON line to runs/layout_probe.jsonl.
 """
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kandlab import shapes, train, weights
+from kandlab import shapes, train
 from kandlab.pipeline import Pipeline
 from kandlab.tokenizer import ShapesTokenizer
-
-
-def load(source: str) -> tuple[torch.nn.Module, int | str]:
-    recipe = train.pixel_text()
-    model = train.build_model(recipe)
-    if source.endswith(".pt"):
-        with tempfile.TemporaryDirectory() as tmp:  # the run rewrites its state every 250 steps
-            copy = Path(tmp) / "state.pt"
-            shutil.copy(source, copy)
-            state = torch.load(copy, weights_only=False)
-        model.load_state_dict(state["ema"])
-        return model, state["log"]["step"]
-    model.load_state_dict(weights.load_tiny_state_dict(source))
-    return model, weights.load_card(source)["steps"]
+from score_progress import load  # scripts/score_progress.py: a run's EMA (state copied first) or the shipped one
 
 
 def main() -> None:
     source, tag = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     start = time.time()
-    model, step = load(source)
     recipe = train.pixel_text()
+    model, step = load(source if source.endswith(".pt") else "shipped", recipe)  # the EMA weights
     pipe = Pipeline(model, ShapesTokenizer.from_shapes(max_length=recipe.max_length), train.GaussianDiffusion(recipe.betas()))
     prompts = train.score_prompts(128)
     images = torch.cat([pipe(prompts[i:i + 64], steps=25, seed=1234 + i, progress=False) for i in range(0, 128, 64)])
