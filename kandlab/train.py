@@ -235,8 +235,9 @@ class CannotContinue(ValueError):
     """The shipped checkpoint cannot be continued by this recipe (`continue_shipped`)."""
 
 
-STAGE_FIELDS = ("min_snr_gamma", "t_sampling", "t_logit_mean", "p_relation")  # may change between stages
+STAGE_FIELDS = ("lr", "min_snr_gamma", "t_sampling", "t_logit_mean", "p_relation")  # may change between stages
 MACHINE_FIELDS = ("steps", "threads")  # how long and on how many cores: free in a continuation
+PROSE_FIELDS = ("description",)  # words about the model: a later stage may say what it added
 
 
 def continue_shipped(recipe: Recipe, model: UNet | TextToImage, ema: UNet | TextToImage) -> dict:
@@ -248,9 +249,9 @@ def continue_shipped(recipe: Recipe, model: UNet | TextToImage, ema: UNet | Text
     loss curve, stages (the last one with the scores the checkpoint ended it with) and
     rebuild command for the new card. The shipped card must come from this recipe
     (`recipe_differences`: same model configs and every recipe number but the
-    `MACHINE_FIELDS` and `STAGE_FIELDS` -- a new stage may run longer on other cores,
-    weight its loss, draw its time steps or mix its captions differently; the card
-    records each stage's).
+    `MACHINE_FIELDS`, `STAGE_FIELDS` and `PROSE_FIELDS` -- a new stage may run longer on
+    other cores, change its learning rate, weight its loss, draw its time steps or mix its
+    captions differently, and reword the description; the card records each stage's numbers).
     """
     card = weights.load_card(f"{recipe.name}.safetensors")
     differ = recipe_differences(recipe, card)
@@ -285,12 +286,13 @@ def recipe_card(recipe: Recipe) -> dict:
 
 def recipe_differences(recipe: Recipe, card: dict) -> list[str]:
     """The recipe fields (and model configs) in which ``recipe`` differs from the one a shipped ``card``
-    was trained with, leaving out those a continuation may change (`MACHINE_FIELDS`, `STAGE_FIELDS`)."""
+    was trained with, leaving out those a continuation may change (`MACHINE_FIELDS`, `STAGE_FIELDS`,
+    `PROSE_FIELDS`)."""
     mine = json.loads(json.dumps(recipe_card(recipe)))  # as the card stores it (tuples become lists)
     mine = {"unet_config": mine["unet_config"], "t5_config": mine.get("t5_config"), **mine["recipe"]}
     defaults = {f.name: f.default for f in fields(Recipe) if f.default is not MISSING}  # fields older cards lack
     theirs = {"unet_config": card["unet_config"], "t5_config": card.get("t5_config"), **defaults, **card["recipe"]}
-    free = (*MACHINE_FIELDS, *STAGE_FIELDS)
+    free = (*MACHINE_FIELDS, *STAGE_FIELDS, *PROSE_FIELDS)
     return sorted(k for k in mine.keys() | theirs.keys() if k not in free and mine.get(k) != theirs.get(k))
 
 

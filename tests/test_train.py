@@ -212,12 +212,14 @@ def test_continue_shipped_extends_a_shipped_run(tmp_path, monkeypatch):
 
     # a second continuation keeps the history of both earlier stages
     # and a stage may change its loss weighting, time steps and caption mix (recorded per stage)
-    third = _micro_recipe(steps=6, min_snr_gamma=5.0, t_sampling="logit_normal", t_logit_mean=1.0, p_relation=0.8)
+    third = _micro_recipe(steps=6, min_snr_gamma=5.0, t_sampling="logit_normal", t_logit_mean=1.0, p_relation=0.8,
+                          lr=5e-4, description="the micro model, with a third stage")
     ema4, log4 = train.train(third, run_dir=tmp_path / "third", progress=False, from_shipped=True)
     train.export(third, ema4, log4, out_dir=out)
     card = json.loads((out / "micro.json").read_text())
     assert [s["steps"] for s in card["stages"]] == [2, 3, 1] and len(card["loss_curve_every_25_steps"]) == 3
     assert [s["min_snr_gamma"] for s in card["stages"]] == [None, None, 5.0]
+    assert card["stages"][2]["lr"] == 5e-4 and card["description"] == "the micro model, with a third stage"
     assert card["stages"][1]["t_sampling"] == "uniform" and card["stages"][1]["p_relation"] == 0.5
     assert (card["stages"][2]["t_sampling"], card["stages"][2]["t_logit_mean"], card["stages"][2]["p_relation"]) == (
         "logit_normal", 1.0, 0.8)
@@ -225,8 +227,8 @@ def test_continue_shipped_extends_a_shipped_run(tmp_path, monkeypatch):
 
 def test_continue_shipped_refuses_a_checkpoint_of_another_recipe(tmp_path, monkeypatch):
     _ship_micro(tmp_path, monkeypatch)
-    with pytest.raises(ValueError, match="differs in: lr"):
-        train.train(_micro_recipe(steps=4, lr=1e-2), run_dir=tmp_path / "other", progress=False, from_shipped=True)
+    with pytest.raises(ValueError, match="differs in: batch_size"):
+        train.train(_micro_recipe(steps=4, batch_size=3), run_dir=tmp_path / "other", progress=False, from_shipped=True)
     with pytest.raises(ValueError, match="already has 2 steps"):
         train.train(_micro_recipe(steps=2), run_dir=tmp_path / "same", progress=False, from_shipped=True)
 
@@ -237,7 +239,8 @@ def test_the_layout_stage_continues_the_shipped_text_model():
     stage1, stage2 = train.pixel_text(), train.pixel_text_layout()
     card = json.loads(json.dumps(train.recipe_card(stage1)))  # as export writes stage 1's card
     assert train.recipe_differences(stage2, card) == []
-    assert train.recipe_differences(dataclasses.replace(stage2, lr=1e-3), card) == ["lr"]
+    assert train.recipe_differences(dataclasses.replace(stage2, lr=1e-4, description="says more"), card) == []
+    assert train.recipe_differences(dataclasses.replace(stage2, warmup=7), card) == ["warmup"]
     assert stage2.name == stage1.name and stage2.steps > stage1.steps
     assert (stage2.t_sampling, stage2.t_logit_mean) == ("logit_normal", 1.5)
     assert "pixel-text-layout" in train.CONTINUATIONS

@@ -1,0 +1,32 @@
+"""Session 8's experiments on counting: continue the shipped pixel_text (stage 1 + layout stage, 8,000 steps)
+with even more of its training at high noise, where the number of objects is decided. Scored while they train
+with ``scripts/layout_probe.py runs/<arm>/pixel_text/state.pt <tag>``.
+
+    python scripts/count_experiments.py noisier 20000     # t/T = σ(u), u ~ N(2.5, 1), lr 8e-4
+    python scripts/count_experiments.py noisier-slow 20000  # the same with lr 2e-4
+
+Both continue ``data/pixel_text.safetensors`` with a fresh AdamW on one core each, keep 75 % two-group captions,
+and save ``runs/<arm>/pixel_text/state.pt`` every 250 steps; stop them when you like.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+
+from kandlab import train
+
+ARMS = {"noisier": dict(t_logit_mean=2.5),
+        "noisier-slow": dict(t_logit_mean=2.5, lr=2e-4)}
+
+
+def main() -> None:
+    arm, steps = sys.argv[1], int(sys.argv[2])
+    torch.manual_seed(0)
+    recipe = dataclasses.replace(train.pixel_text_layout(), steps=steps, threads=1, **ARMS[arm])
+    train.train(recipe, run_dir=f"runs/{arm}", from_shipped=True)
+
+
+if __name__ == "__main__":
+    main()
