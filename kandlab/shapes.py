@@ -672,8 +672,9 @@ def _judge(blobs: list[Blob], scene: Scene, size: int) -> dict[str, bool]:
     }
 
 
-def _verdicts(images, captions: Sequence[str]) -> tuple[list[dict[str, bool]], list[Scene]]:
-    """Check the inputs, parse the captions, judge every image."""
+def _detections(images, captions: Sequence[str]) -> tuple[list[list[Blob]], list[Scene], list[int]]:
+    """Check the inputs, parse the captions, detect every image's blobs.
+    Returns the blobs, the scenes and the image widths (px) for ``_judge``."""
     if isinstance(captions, str) or not isinstance(captions, Sequence):
         raise TypeError(f"captions must be a list of str, got {type(captions).__name__}")
     batch = _as_image_batch(images)
@@ -693,10 +694,13 @@ def _verdicts(images, captions: Sequence[str]) -> tuple[list[dict[str, bool]], l
         codes = _colour_codes(batch)  # (B, H, W), one vectorised pass
     else:
         codes = [_colour_codes(im[None])[0] for im in batch]
-    verdicts = [
-        _judge(_blobs_from_codes(code), scene, code.shape[-1]) for code, scene in zip(codes, scenes)
-    ]
-    return verdicts, scenes
+    return [_blobs_from_codes(code) for code in codes], scenes, [code.shape[-1] for code in codes]
+
+
+def _verdicts(images, captions: Sequence[str]) -> tuple[list[dict[str, bool]], list[Scene]]:
+    """Check the inputs, parse the captions, judge every image."""
+    blobs, scenes, sizes = _detections(images, captions)
+    return [_judge(*args) for args in zip(blobs, scenes, sizes)], scenes
 
 
 def score_per_image(images, captions: Sequence[str]) -> list[dict[str, bool]]:
@@ -774,6 +778,28 @@ def relation_shift(captions: Sequence[str], images, swapped_images) -> dict[str,
         if all(centres):
             shifts.append(sign * (np.mean(centres[0]) - np.mean(centres[1])))
     return {"px": round(float(np.mean(shifts)), 2) if shifts else None, "pairs": len(shifts)}
+
+
+MAX_DRAWN = 4  # `count_confusion`'s last column: 4 or more blobs
+
+
+def count_confusion(images, captions: Sequence[str]) -> np.ndarray:
+    """How many objects does a model draw when a caption asks for one, two or three?
+
+    Every group of every caption is one trial: the count it asks for (a row, 1-3) against
+    the number of blobs of its colour that `detect` finds (a column, 0 to ``MAX_DRAWN``,
+    the last meaning ``MAX_DRAWN`` or more). Returns an int array ``(3, MAX_DRAWN + 1)``:
+    ``m[k - 1, j]`` groups asked for k objects were drawn with j. The diagonal ``m[k - 1, k]``
+    is ShapesBench's count verdict per group; the right of it is over-counting, the left
+    under-counting (column 0: the group is missing).
+    """
+    blobs, scenes, _ = _detections(images, captions)  # the checks and the detector of `score`
+    matrix = np.zeros((len(COUNTS), MAX_DRAWN + 1), dtype=np.int64)  # (3, 5)
+    for found, scene in zip(blobs, scenes):
+        drawn = [blob.colour for blob in found]
+        for group in scene.groups:
+            matrix[group.count - 1, min(drawn.count(group.colour), MAX_DRAWN)] += 1
+    return matrix
 
 
 # ---------------------------------------------------------------------------

@@ -439,6 +439,7 @@ def score_model(recipe: Recipe, model: UNet | TextToImage, diffusion: GaussianDi
     samples = torch.cat(chunks)
     stats = shapes.score(samples, prompts)
     return {**{f"shapesbench_{k}": round(v, 4) for k, v in stats.items()}, "prompts": n,
+            "count_confusion": shapes.count_confusion(samples, prompts).tolist(),  # asked (rows 1-3) × drawn (0-4+)
             "sampler": f"{sampler}, guidance {recipe.guidance}",
             "prompt_set": "kandlab.train.score_prompts(n) = captions of ShapesDataset(seed=2024)"}, samples
 

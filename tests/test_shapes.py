@@ -261,6 +261,22 @@ def test_each_category_catches_its_own_mistake(drawn, claimed, wrong):
     assert all(right.values())
 
 
+def test_count_confusion_puts_each_group_at_asked_against_drawn(batch):
+    images, captions, _, _ = batch
+    matrix = S.count_confusion(images[:200], captions[:200])
+    groups = sum(len(S.parse_caption(c).groups) for c in captions[:200])
+    assert matrix.shape == (3, S.MAX_DRAWN + 1) and matrix.sum() == groups
+    assert np.trace(matrix[:, 1:]) >= 0.98 * groups  # the world itself draws what it says
+    # two circles drawn, one asked: row 1 ("a"), column 2; three asked: row 3, column 2 (under-counted)
+    two = S.render(S.parse_caption("two small red circles"), rng=0)[None]
+    assert S.count_confusion(two, ["a small red circle"])[0, 2] == 1
+    assert S.count_confusion(two, ["three small red circles"])[2, 2] == 1
+    # the other group's colour is missing: column 0
+    assert S.count_confusion(two, ["two red circles above a blue square"])[:, 0].tolist() == [1, 0, 0]
+    with pytest.raises(ValueError, match="got 1 images but 2 captions"):
+        S.count_confusion(two, ["a red circle"] * 2)
+
+
 def test_position_counts_only_captions_with_a_relation():
     image = S.render(S.parse_caption("a red circle"), rng=0)
     result = S.score(image[None], ["a red circle"])

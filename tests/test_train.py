@@ -2,10 +2,11 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from kandlab import cli, train, weights
+from kandlab import cli, shapes, train, weights
 from kandlab.unet import UNet, UNetConfig
 
 
@@ -83,6 +84,8 @@ def test_text_recipe_trains_exports_and_loads_into_a_pipeline(tmp_path, monkeypa
     train.export(recipe, ema, log, out_dir=out)
     card = json.loads((out / "microtext.json").read_text())
     assert card["score"]["prompts"] == 3 and 0.0 <= card["score"]["shapesbench_overall"] <= 1.0
+    groups = sum(len(shapes.parse_caption(p).groups) for p in train.score_prompts(3))
+    assert np.array(card["score"]["count_confusion"]).sum() == groups  # one trial per group of each prompt
     assert card["t5_config"]["d_model"] == 32
     pipe = Pipeline.from_tiny("microtext")
     ids = ShapesTokenizer.from_shapes()(["one red circle"])
