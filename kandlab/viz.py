@@ -484,6 +484,32 @@ def plot_guidance_sweep(scales: Sequence[float], scores: Sequence[dict[str, floa
     return fig
 
 
+def plot_count_confusion(matrices: dict[str, np.ndarray | Sequence[Sequence[int]]], title: str = "") -> plt.Figure:
+    """One panel per model: `shapes.count_confusion` as row shares (what fraction of the groups asked
+    for k objects were drawn with j), the raw counts written in each cell. The diagonal is right;
+    right of it is over-counting."""
+    if not matrices:
+        raise ValueError("give at least one confusion matrix, e.g. {'shipped': shapes.count_confusion(images, prompts)}")
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.3 * len(matrices), 2.9), squeeze=False)
+    for ax, (label, matrix) in zip(axes[0], matrices.items()):
+        m = np.asarray(matrix, dtype=float)  # (3, MAX_DRAWN + 1)
+        share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for (k, j), n in np.ndenumerate(m):
+            ax.text(j, k, f"{share[k, j]:.0%}\n({int(n)})", ha="center", va="center", fontsize=7,
+                    color="white" if share[k, j] > 0.6 else "black")
+        for k in range(len(m)):  # outline the right answer
+            ax.add_patch(plt.Rectangle((k + 0.5, k - 0.5), 1, 1, fill=False, ec="tab:green", lw=2))
+        ax.set_xticks(range(m.shape[1]), [*map(str, range(m.shape[1] - 1)), f"{m.shape[1] - 1}+"])
+        ax.set_yticks(range(len(m)), [str(k + 1) for k in range(len(m))])
+        diagonal = sum(m[k, k + 1] for k in range(len(m))) / max(m.sum(), 1)
+        ax.set(xlabel="objects drawn", ylabel="objects asked for", title=f"{label}\nright: {diagonal:.0%} of groups")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def plot_guidance_grid(images: torch.Tensor, prompt: str, scale: float, score: dict[str, float],
                        ncols: int = 8) -> plt.Figure:
     """One prompt's samples (different seeds) at one guidance scale, with their ShapesBench score."""

@@ -60,3 +60,15 @@ def test_plot_rows():
         viz.plot_rows({"a": torch.zeros(2, 3, 8, 8), "b": torch.zeros(3, 3, 8, 8)})
     with pytest.raises(ValueError, match="column titles"):
         viz.plot_rows(rows, col_titles=["x"])
+
+
+def test_plot_count_confusion_shows_row_shares_and_the_right_share():
+    matrix = [[0, 3, 1, 0, 0], [0, 0, 2, 2, 0], [0, 0, 0, 1, 3]]  # 6 of 12 groups right
+    fig = viz.plot_count_confusion({"model": matrix})
+    (ax,) = fig.axes
+    assert "right: 50% of groups" in ax.get_title()
+    texts = [t.get_text() for t in ax.texts]
+    assert "75%\n(3)" in texts and "25%\n(1)" in texts  # row 1: three of four drawn right
+    plt.close("all")
+    with pytest.raises(ValueError, match="at least one"):
+        viz.plot_count_confusion({})
