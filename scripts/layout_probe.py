@@ -1,6 +1,6 @@
 """The layout stage's progress table in the README: score a text model's EMA weights on the first 128 fixed
 prompts (DDIM 25, guidance 4, N(0, I) start, seed 1234 + batch offset), split into one- and two-group
-prompts, plus the relation shift over the first 48 two-group prompts among score_prompts(256) (seed 7).
+prompts, with the count confusion (asked × drawn objects, `shapes.count_confusion`), plus the relation shift over the first 48 two-group prompts among score_prompts(256) (seed 7).
 
     python scripts/layout_probe.py runs/late/pixel_text/state.pt late-6500   # a run's saved state (copied first)
     python scripts/layout_probe.py shipped shipped                           # data/pixel_text.safetensors
@@ -34,7 +34,8 @@ def main() -> None:
     images = torch.cat([pipe(prompts[i:i + 64], steps=25, seed=1234 + i, progress=False) for i in range(0, 128, 64)])
     verdicts = shapes.score_per_image(images, prompts)
     two_group = [shapes.parse_caption(p).relation is not None for p in prompts]
-    out = {"tag": tag, "step": step, "all": {k: round(v, 3) for k, v in shapes.score(images, prompts).items()}}
+    out = {"tag": tag, "step": step, "all": {k: round(v, 3) for k, v in shapes.score(images, prompts).items()},
+           "count_confusion": shapes.count_confusion(images, prompts).tolist()}  # asked 1-3 × drawn 0-4+
     for name, keep in (("one", [not r for r in two_group]), ("two", two_group)):
         group = [v for v, k in zip(verdicts, keep) if k]
         out[name] = {k: round(float(np.mean([v[k] for v in group])), 3)

@@ -249,6 +249,18 @@ def test_the_layout_stage_continues_the_shipped_text_model():
     assert "pixel-text-layout" in train.CONTINUATIONS
 
 
+def test_the_anneal_stage_continues_the_layout_stage():
+    """`pixel_text_anneal` is stage 3: the layout stage's recipe with a lower rate and noisier time steps, longer."""
+    stage2, stage3 = train.pixel_text_layout(), train.pixel_text_anneal()
+    card = json.loads(json.dumps(train.recipe_card(stage2)))
+    assert train.recipe_differences(stage3, card) == []
+    assert stage3.steps > stage2.steps and stage3.lr < stage2.lr and stage3.t_logit_mean > stage2.t_logit_mean
+    assert "pixel-text-anneal" in train.CONTINUATIONS
+    shipped = weights.load_card("pixel_text.safetensors")
+    assert [s["steps"] for s in shipped["stages"]] == [5000, 3000, stage3.steps - stage2.steps]
+    assert shipped["rebuild"].endswith("then kandlab train pixel-text-anneal")
+
+
 def test_cli_layout_stage_refuses_to_shorten_the_shipped_model(capsys, tmp_path):
     assert cli.main(["train", "pixel-text-layout", "--steps", "10", "--no-export", "--run-dir", str(tmp_path)]) == 2
     assert "ask for more with --steps" in capsys.readouterr().err
