@@ -802,6 +802,16 @@ def count_confusion(images, captions: Sequence[str]) -> np.ndarray:
     return matrix
 
 
+def count_error_shares(matrix) -> dict[str, float]:
+    """The shares of all groups in a `count_confusion` matrix drawn with the right number of objects,
+    too many (right of the diagonal) and too few (left of it, the missing ones included)."""
+    m = np.asarray(matrix)  # (3, MAX_DRAWN + 1); row k - 1 asked for k objects, column j drew j
+    asked, drawn = np.indices(m.shape)
+    total = max(int(m.sum()), 1)
+    return {"right": m[drawn == asked + 1].sum() / total, "over": m[drawn > asked + 1].sum() / total,
+            "under": m[drawn < asked + 1].sum() / total}
+
+
 # ---------------------------------------------------------------------------
 # 6. A figure for the lessons
 # ---------------------------------------------------------------------------

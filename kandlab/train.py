@@ -285,8 +285,11 @@ def continue_shipped(recipe: Recipe, model: UNet | TextToImage, ema: UNet | Text
     ema.load_state_dict(state)
     stages = card.get("stages") or [{k: card[k] for k in ("steps", "wall_time_seconds", "steps_per_second", "hardware")}
                                     | {"min_snr_gamma": card["recipe"].get("min_snr_gamma")}]
-    # what the shipped checkpoint scored is what its last stage ended at
-    stages[-1] = {**stages[-1], **{f"{k}_at_end": card[k] for k in ("score", "relation_shift") if k in card}}
+    # the card's recipe is its last stage's: fill the stage fields an older card did not record per stage
+    # (e.g. lr before it could change), and what the checkpoint scored is what that stage ended at
+    recipe_fields = {**{f.name: f.default for f in fields(Recipe) if f.name in STAGE_FIELDS}, **card["recipe"]}
+    stages[-1] = {**{k: recipe_fields[k] for k in STAGE_FIELDS}, **stages[-1],
+                  **{f"{k}_at_end": card[k] for k in ("score", "relation_shift") if k in card}}
     earlier = {k: card[k] for k in ("steps", "wall_time_seconds", "loss_curve_every_25_steps")} | {
         "stages": stages, "rebuild": card.get("rebuild")}
     log = {"step": card["steps"], "seconds": 0.0, "losses": [], "earlier": earlier}

@@ -488,6 +488,8 @@ def plot_count_confusion(matrices: dict[str, np.ndarray | Sequence[Sequence[int]
     """One panel per model: `shapes.count_confusion` as row shares (what fraction of the groups asked
     for k objects were drawn with j), the raw counts written in each cell. The diagonal is right;
     right of it is over-counting."""
+    from kandlab import shapes
+
     if not matrices:
         raise ValueError("give at least one confusion matrix, e.g. {'shipped': shapes.count_confusion(images, prompts)}")
     fig, axes = plt.subplots(1, len(matrices), figsize=(3.3 * len(matrices), 2.9), squeeze=False)
@@ -502,8 +504,8 @@ def plot_count_confusion(matrices: dict[str, np.ndarray | Sequence[Sequence[int]
             ax.add_patch(plt.Rectangle((k + 0.5, k - 0.5), 1, 1, fill=False, ec="tab:green", lw=2))
         ax.set_xticks(range(m.shape[1]), [*map(str, range(m.shape[1] - 1)), f"{m.shape[1] - 1}+"])
         ax.set_yticks(range(len(m)), [str(k + 1) for k in range(len(m))])
-        diagonal = sum(m[k, k + 1] for k in range(len(m))) / max(m.sum(), 1)
-        ax.set(xlabel="objects drawn", ylabel="objects asked for", title=f"{label}\nright: {diagonal:.0%} of groups")
+        right = shapes.count_error_shares(m)["right"]
+        ax.set(xlabel="objects drawn", ylabel="objects asked for", title=f"{label}\nright: {right:.0%} of groups")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -13,8 +13,10 @@ Session 8 ran them from the layout stage's checkpoint (8,000 steps; 0.57 overall
 prompts). At 9,000 steps: ``noisier`` 0.58 (count 0.63), ``noisier-slow`` **0.70** (count 0.73); stopped at 9,750:
 ``noisier-slow`` 0.73 (count 0.74), ``cooldown`` 0.75 (count 0.76; 3 images of 128 more than ``noisier-slow``,
 within the probe's noise). The time-step shift alone changed little; the lower rate is what helped.
-``noisier-slow`` at 9,750 steps is the shipped anneal stage, `train.pixel_text_anneal`
-(``scripts/export_anneal.py``).
+``noisier-slow`` at 9,750 steps is the shipped anneal stage, `train.pixel_text_anneal`. It was exported with a
+one-off script that loaded the saved state and called `train.export`; ``kandlab train pixel-text-anneal`` does the
+same without it: copy the state to ``runs/pixel-text-anneal/pixel_text/state.pt`` and the command resumes it at
+its last step (nothing left to train) and exports (35 minutes of scoring on 2 threads of session 8's machine).
 """
 from __future__ import annotations
 

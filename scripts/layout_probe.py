@@ -1,6 +1,7 @@
 """The layout stage's progress table in the README: score a text model's EMA weights on the first 128 fixed
 prompts (DDIM 25, guidance 4, N(0, I) start, seed 1234 + batch offset), split into one- and two-group
-prompts, with the count confusion (asked × drawn objects, `shapes.count_confusion`), plus the relation shift over the first 48 two-group prompts among score_prompts(256) (seed 7).
+prompts, with the count confusion (asked × drawn objects, `shapes.count_confusion`), plus the relation shift
+over the first 48 two-group prompts among score_prompts(256) (seed 7).
 
     python scripts/layout_probe.py runs/late/pixel_text/state.pt late-6500   # a run's saved state (copied first)
     python scripts/layout_probe.py shipped shipped                           # data/pixel_text.safetensors

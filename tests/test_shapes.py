@@ -275,6 +275,8 @@ def test_count_confusion_puts_each_group_at_asked_against_drawn(batch):
     assert S.count_confusion(two, ["two red circles above a blue square"])[:, 0].tolist() == [1, 0, 0]
     with pytest.raises(ValueError, match="got 1 images but 2 captions"):
         S.count_confusion(two, ["a red circle"] * 2)
+    shares = S.count_error_shares([[1, 3, 1, 0, 0], [0, 0, 2, 2, 0], [0, 0, 0, 1, 2]])  # 6 right, 5 over, 1 under
+    assert shares == pytest.approx({"right": 6 / 12, "over": 5 / 12, "under": 1 / 12})
 
 
 def test_position_counts_only_captions_with_a_relation():

@@ -211,6 +211,7 @@ def test_continue_shipped_extends_a_shipped_run(tmp_path, monkeypatch):
     assert len(card["loss_curve_every_25_steps"]) == 2  # one chunk per stage
     first_card = json.loads((tmp_path / "first_card.json").read_text())
     assert card["stages"][0]["score_at_end"] == first_card["score"]  # what stage 1 shipped with
+    assert card["stages"][0]["lr"] == first_card["recipe"]["lr"]  # every stage field, read off its card's recipe
     assert card["rebuild"] == "kandlab train micro, then kandlab train micro --continue-shipped"
 
     # a second continuation keeps the history of both earlier stages
