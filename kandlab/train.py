@@ -56,6 +56,8 @@ class Recipe:
     batch_size: int = 32
     lr: float = 8e-4  # high for a tiny model; warm-up keeps the first steps stable
     warmup: int = 100
+    lr_decay: Literal["constant", "cosine"] = "constant"  # "cosine": after the warm-up, down to 0 at the last step
+    # (SGDR, Loshchilov & Hutter 2017, without restarts); constant lets a run be extended step for step
     ema_decay: float = 0.999
     image_size: int = 32
     num_images: int = 20_000  # a fixed pre-rendered training set (rendering on the fly costs CPU)
@@ -83,6 +85,8 @@ class Recipe:
     def __post_init__(self) -> None:
         # fail when the recipe is made, not after rendering the training set
         check_timestep_sampling(self.t_sampling, self.t_logit_mean)
+        if self.lr_decay not in ("constant", "cosine"):
+            raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {self.lr_decay!r}")
         if not 0.0 <= self.p_relation <= 1.0:
             raise ValueError(f"p_relation is the fraction of two-group captions, in [0, 1]; got {self.p_relation}")
         if self.text_pretrain_steps < 0 or (self.text_pretrain_steps and self.text is None):
@@ -244,17 +248,22 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def lr_at(step: int, recipe: Recipe, since: int = 0) -> float:
-    """Linear warm-up, then constant (the EMA does the averaging). A constant rate
-    means a run stopped at step k equals the first k steps of a longer one.
-    ``since``: the step a continued run started at (its fresh AdamW warms up again)."""
-    return recipe.lr * min(1.0, (step - since + 1) / recipe.warmup)
+    r"""Linear warm-up, then constant (the EMA does the averaging) or, with ``lr_decay="cosine"``,
+    $\eta_k = \eta \cdot \tfrac12 (1 + \cos(\pi k / K))$ for step k of the run's K, reaching 0 at
+    ``recipe.steps``. A constant rate means a run stopped at step k equals the first k steps of a longer one.
+    ``since``: the step a continued run started at (its fresh AdamW warms up again, and decays over its own steps)."""
+    warm = min(1.0, (step - since + 1) / recipe.warmup)
+    if recipe.lr_decay == "constant":
+        return recipe.lr * warm
+    done = (step - since) / max(1, recipe.steps - since)  # fraction of this run's steps behind it
+    return recipe.lr * warm * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
 
 
 class CannotContinue(ValueError):
     """The shipped checkpoint cannot be continued by this recipe (`continue_shipped`)."""
 
 
-STAGE_FIELDS = ("lr", "min_snr_gamma", "t_sampling", "t_logit_mean", "p_relation")  # may change between stages
+STAGE_FIELDS = ("lr", "lr_decay", "min_snr_gamma", "t_sampling", "t_logit_mean", "p_relation")  # may change between stages
 MACHINE_FIELDS = ("steps", "threads")  # how long and on how many cores: free in a continuation
 PROSE_FIELDS = ("description",)  # words about the model: a later stage may say what it added
 

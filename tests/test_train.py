@@ -34,6 +34,8 @@ def test_recipe_refuses_bad_stage_fields_when_made():
         _micro_recipe(t_sampling="lognormal")
     with pytest.raises(ValueError, match="p_relation"):
         _micro_recipe(p_relation=1.5)
+    with pytest.raises(ValueError, match="lr_decay must be 'constant' or 'cosine'"):
+        _micro_recipe(lr_decay="linear")
 
 
 def test_lr_warms_up_then_stays_constant():
@@ -41,6 +43,19 @@ def test_lr_warms_up_then_stays_constant():
     assert train.lr_at(0, r) == pytest.approx(1e-4)
     assert train.lr_at(9, r) == pytest.approx(1e-3)
     assert train.lr_at(5000, r) == pytest.approx(1e-3)
+
+
+def test_cosine_lr_decays_to_zero_over_the_run_and_restarts_its_warm_up():
+    r = _micro_recipe(lr=1e-3, warmup=10, steps=1000, lr_decay="cosine")
+    lrs = [train.lr_at(k, r) for k in range(1000)]
+    assert lrs[0] == pytest.approx(1e-4 * (0.5 + 0.5 * np.cos(0.0)))
+    assert max(lrs) == pytest.approx(1e-3, rel=1e-3) and lrs.index(max(lrs)) == 9  # the end of the warm-up
+    assert lrs[500] == pytest.approx(0.5e-3)  # half-way: half the rate (cos(π/2) = 0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # only down after the warm-up
+    assert lrs[-1] < 1e-3 * 1e-4 and train.lr_at(1000, r) == 0.0
+    # a continuation from step 600 warms up again and decays over its own 400 steps
+    assert train.lr_at(600, r, since=600) == pytest.approx(1e-4)
+    assert train.lr_at(800, r, since=600) == pytest.approx(0.5e-3)
 
 
 def test_ema_moves_towards_the_model():
