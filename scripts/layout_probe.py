@@ -5,8 +5,9 @@ over the first 48 two-group prompts among score_prompts(256) (seed 7).
 
     python scripts/layout_probe.py runs/late/pixel_text/state.pt late-6500   # a run's saved state (copied first)
     python scripts/layout_probe.py shipped shipped                           # data/pixel_text.safetensors
+    python scripts/layout_probe.py shipped shipped-256 256                   # the first 256 prompts instead
 
-One thread, about 4 minutes beside a training run. Appends one JSON line to runs/layout_probe.jsonl.
+One thread, about 4 minutes beside a training run (per 128 prompts). Appends one JSON line to runs/layout_probe.jsonl.
 """
 from __future__ import annotations
 
@@ -26,16 +27,17 @@ from score_progress import load  # scripts/score_progress.py: a run's EMA (state
 
 def main() -> None:
     source, tag = sys.argv[1], sys.argv[2]
+    n = int(sys.argv[3]) if len(sys.argv) > 3 else 128  # a multiple of 64; the first 128 are always the same
     torch.set_num_threads(1)
     start = time.time()
     recipe = train.pixel_text()
     model, step = load(source if source.endswith(".pt") else "shipped", recipe)  # the EMA weights
     pipe = Pipeline(model, ShapesTokenizer.from_shapes(max_length=recipe.max_length), train.GaussianDiffusion(recipe.betas()))
-    prompts = train.score_prompts(128)
-    images = torch.cat([pipe(prompts[i:i + 64], steps=25, seed=1234 + i, progress=False) for i in range(0, 128, 64)])
+    prompts = train.score_prompts(n)
+    images = torch.cat([pipe(prompts[i:i + 64], steps=25, seed=1234 + i, progress=False) for i in range(0, n, 64)])
     verdicts = shapes.score_per_image(images, prompts)
     two_group = [shapes.parse_caption(p).relation is not None for p in prompts]
-    out = {"tag": tag, "step": step, "all": {k: round(v, 3) for k, v in shapes.score(images, prompts).items()},
+    out = {"tag": tag, "step": step, "prompts": n, "all": {k: round(v, 3) for k, v in shapes.score(images, prompts).items()},
            "count_confusion": shapes.count_confusion(images, prompts).tolist()}  # asked 1-3 × drawn 0-4+
     for name, keep in (("one", [not r for r in two_group]), ("two", two_group)):
         group = [v for v, k in zip(verdicts, keep) if k]
