@@ -248,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="pixel_text", help="shipped model in data/ (default pixel_text)")
     p.set_defaults(func=generate_command)
     p = sub.add_parser("train", help="rebuild a shipped tiny model from its recipe")
-    p.add_argument("recipe", help="recipe name: pixel-uncond, pixel-text, then pixel-text-layout and pixel-text-anneal "
-                                  "(pixel-text's second and third stages: each continues data/pixel_text.safetensors, "
+    p.add_argument("recipe", help="recipe name: pixel-uncond, pixel-text, then pixel-text-layout, pixel-text-anneal and "
+                                  "pixel-text-decay (pixel-text's later stages: each continues data/pixel_text.safetensors, "
                                   "state in runs/<recipe>/)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     p.add_argument("--run-dir", default="runs", help="where state, logs and sample grids go (default: runs/)")

@@ -272,9 +272,22 @@ def test_the_anneal_stage_continues_the_layout_stage():
     assert train.recipe_differences(stage3, card) == []
     assert stage3.steps > stage2.steps and stage3.lr < stage2.lr and stage3.t_logit_mean > stage2.t_logit_mean
     assert "pixel-text-anneal" in train.CONTINUATIONS
+
+
+def test_the_decay_stage_continues_the_anneal_stage_and_is_shipped():
+    """`pixel_text_decay` is stage 4: the anneal stage's rate decaying to 0; the shipped card has all four stages."""
+    stage3, stage4 = train.pixel_text_anneal(), train.pixel_text_decay()
+    card = json.loads(json.dumps(train.recipe_card(stage3)))
+    assert train.recipe_differences(stage4, card) == []
+    assert stage4.steps > stage3.steps and (stage4.lr, stage4.lr_decay) == (stage3.lr, "cosine")
+    assert train.lr_at(stage4.steps, stage4, since=stage3.steps) == 0.0
+    assert "pixel-text-decay" in train.CONTINUATIONS
     shipped = weights.load_card("pixel_text.safetensors")
-    assert [s["steps"] for s in shipped["stages"]] == [5000, 3000, stage3.steps - stage2.steps]
-    assert shipped["rebuild"].endswith("then kandlab train pixel-text-anneal")
+    assert [s["steps"] for s in shipped["stages"]] == [5000, 3000, 1750, stage4.steps - stage3.steps]
+    # stages 1-2 were recorded before lr and lr_decay were stage fields (they ran at the constant default 8e-4)
+    assert [s.get("lr_decay", "constant") for s in shipped["stages"]] == ["constant"] * 3 + ["cosine"]
+    assert [s["lr"] for s in shipped["stages"][2:]] == [2e-4, 2e-4]
+    assert shipped["rebuild"].endswith("then kandlab train pixel-text-anneal, then kandlab train pixel-text-decay")
 
 
 def test_cli_layout_stage_refuses_to_shorten_the_shipped_model(capsys, tmp_path):
