@@ -11,7 +11,8 @@ Every shipped checkpoint is rebuilt by one command::
     kandlab train pixel-uncond        # lesson 02's unconditional 32×32 model
     kandlab train pixel-text          # lessons 04-06's text-to-image model, stage 1;
     kandlab train pixel-text-layout   # then its layout stage
-    kandlab train pixel-text-anneal   # and its anneal stage (each continues data/pixel_text)
+    kandlab train pixel-text-anneal   # then its anneal stage
+    kandlab train pixel-text-decay    # and its decay stage (each continues data/pixel_text)
 
 A shipped run whose state file is gone is extended from its weights with
 ``kandlab train pixel-text --steps N --continue-shipped`` (`continue_shipped`).
