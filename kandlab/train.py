@@ -193,7 +193,7 @@ def pixel_text_decay() -> Recipe:
 
     The anneal stage showed that the rate, not the time steps, was what the counts needed; a decay to zero is
     where that road ends, and how nearly every large run finishes. Measured on the first 128 fixed prompts
-    (DDIM 25, `scripts/layout_probe.py`) after 1,750 steps on one core each (`scripts/decay_experiments.py`):
+    (DDIM 25, `scripts/layout_probe.py`) after 1,750 steps on one core each (`scripts/count_experiments.py`):
     this stage 0.81 overall (count 0.83), the same decay at the anneal stage's u ~ N(2.5, 1) 0.80 (count 0.80),
     the anneal stage itself 0.73 (count 0.74). ``kandlab train pixel-text-decay`` continues
     ``data/pixel_text.safetensors``; its state goes to ``runs/pixel-text-decay/``.
