@@ -8,6 +8,11 @@ Three things live here, each small:
   It prints a clear pass, "not attempted yet", or raises naming the first
   mismatch. "Not attempted" never raises, so *Run All* on a learner copy always
   completes.
+* ``claim(condition, statement, **numbers)`` — what a claim cell calls right
+  after a measurement: it prints the lesson's finding with the numbers behind
+  it, and raises ``ClaimFailed`` with a teaching message when the numbers no
+  longer support the sentence. ``mean_se`` / ``share_se`` give the standard
+  errors a comparison states.
 * ``build`` / ``check_sync`` — ``notebooks/`` is generated from ``solutions/``:
   code between ``# BEGIN SOLUTION`` and ``# END SOLUTION`` becomes a stub
   (the ``# HINT:`` lines inside are kept, then ``raise NotImplementedError``),
@@ -25,6 +30,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -143,6 +149,79 @@ def check(
 
 
 # ---------------------------------------------------------------------------
+# Claims: a sentence that compares measured things is checked by code
+
+
+class ClaimFailed(AssertionError):
+    """A lesson's claim no longer holds for the numbers its notebook just measured."""
+
+
+def mean_se(values: Any) -> tuple[float, float]:
+    r"""Mean and standard error of the mean, :math:`s / \sqrt{n}` with the sample std (ddof = 1).
+
+    ``values``: anything ``np.asarray`` takes (a list, an array, a tensor), at least 2 numbers.
+    """
+    x = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values, dtype=np.float64).ravel()
+    if x.size < 2:
+        raise ValueError(f"a standard error needs at least 2 values, got {x.size}; measure more samples")
+    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(x.size))
+
+
+def share_se(share: float, n: int) -> float:
+    r"""Standard error of a share (a proportion) measured on ``n`` items: :math:`\sqrt{p(1-p)/n}`."""
+    if n < 1:
+        raise ValueError(f"n = {n}: a share needs at least one item")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share = {share} is not a proportion in [0, 1]")
+    return float(np.sqrt(share * (1.0 - share) / n))
+
+
+def _format_number(value: Any) -> str:
+    if isinstance(value, tuple) and len(value) == 2:  # (mean, standard error)
+        return f"{_format_number(value[0])} ± {_format_number(value[1])}"
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, bool) or isinstance(value, (int, np.integer)):
+        return str(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        return f"{v:.3g}" if v != 0 and (abs(v) < 0.01 or abs(v) >= 1000) else f"{v:.3f}".rstrip("0").rstrip(".") or "0"
+    return str(value)
+
+
+def claim(condition: Any, statement: str, *, full_only: bool = False, **numbers: Any) -> bool:
+    r"""State a finding of the lesson and check it against the numbers just measured.
+
+    ``condition`` is the comparison written in code (``ddim_score >= ddpm_score - 2 * se``);
+    ``statement`` is the sentence the lesson's prose makes; ``numbers`` are the measured
+    values it rests on (a ``(mean, se)`` pair prints as ``mean ± se``). The cell prints the
+    statement with its numbers when it holds and raises :class:`ClaimFailed` when it does
+    not, so a sentence that stops being true fails the test suite instead of misleading
+    the next reader.
+
+    ``full_only=True`` marks a claim whose sample is too small to decide it in FAST mode
+    (``KANDLAB_FAST=1``, the test suite's setting): there it prints what was measured
+    without raising. Returns whether the condition held.
+    """
+    held = bool(condition)
+    measured = ", ".join(f"{k} = {_format_number(v)}" for k, v in numbers.items())
+    measured_line = f"\n   measured: {measured}" if measured else ""
+    if held:
+        print(f"✔ claim holds: {statement}{measured_line}")
+        return True
+    if full_only and is_fast():
+        print(f"⏭ claim checked in full mode only (FAST mode measures too few samples to decide it): "
+              f"{statement}{measured_line}\n   (in this FAST run it does not hold — expected with so few samples)")
+        return False
+    raise ClaimFailed(
+        f"❌ This lesson says: {statement!r} — but the numbers just measured do not support it.{measured_line}\n"
+        "If you changed the model, the sampler, the seed or the number of samples, that is the likely reason "
+        "(rerun with the lesson's settings). If not, the sentence is wrong: rewrite the prose to say what was "
+        "measured and explain why, then change this claim to match."
+    )
+
+
+# ---------------------------------------------------------------------------
 # Learner-copy generation
 
 
@@ -247,14 +326,32 @@ def execute(path: Path, timeout: int = 1200) -> float:
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
+    os.environ["KANDLAB_CHECK_FIGURES"] = "1"  # the kernel inherits it: kandlab.viz checks every figure shown
     start = time.perf_counter()
     NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     seconds = time.perf_counter() - start
     nb.metadata.pop("widgets", None)
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if not is_progress_bar(o)]
     nbformat.write(nb, path)
     return seconds
+
+
+PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm's "  0%|          | 0/50 [00:00<?, ?it/s]"
+
+
+def is_progress_bar(output: dict) -> bool:
+    """True for a tqdm progress widget in a cell's outputs.
+
+    Without its widget state (which is not committed) a repository page shows such a bar
+    frozen at its first frame, "0%", so executed lessons drop them.
+    """
+    data = output.get("data", {})
+    text = data.get("text/plain", "")
+    text = "".join(text) if isinstance(text, list) else text
+    return "application/vnd.jupyter.widget-view+json" in data and bool(PROGRESS_BAR.search(text))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,12 +7,82 @@ looked at without a browser.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+from matplotlib.text import Text
+
+# ---------------------------------------------------------------------------
+# Readable figures: every lesson figure is checked when a lesson is executed
+
+MIN_FONT_PT = 8.0  # the smallest type a committed figure may use
+UNREADABLE = "⚠ figure not readable"  # the marker tests look for in committed outputs
+
+
+def _drawn_texts(fig: plt.Figure) -> list[tuple[Text, "object"]]:
+    """Draw ``fig`` and return every non-empty text it actually drew, with its box in pixels.
+
+    Only drawn texts count: matplotlib keeps spare tick-label objects that it never draws.
+    """
+    drawn: list[tuple[Text, object]] = []
+    draw = Text.draw
+
+    def recording_draw(text: Text, renderer) -> None:
+        draw(text, renderer)
+        if text.get_visible() and text.get_text().strip():
+            drawn.append((text, text.get_window_extent(renderer)))
+
+    Text.draw = recording_draw  # only for this one draw; restored below
+    try:
+        fig.canvas.draw()
+    finally:
+        Text.draw = draw
+    return drawn
+
+
+def readability_problems(fig: plt.Figure, min_font_pt: float = MIN_FONT_PT) -> list[str]:
+    """What makes ``fig`` hard to read: type smaller than ``min_font_pt`` and texts drawn over each other.
+
+    Two texts overlap when their boxes share more than a fifth of the smaller box (rotated
+    tick labels touch at their corners without clashing). Returns [] for a readable figure.
+    """
+    drawn = _drawn_texts(fig)
+    problems = [f"{t.get_text()!r} is set in {t.get_fontsize():.1f} pt (at least {min_font_pt:g} pt)"
+                for t, _ in drawn if t.get_fontsize() < min_font_pt - 1e-6]
+    for i, (a, box_a) in enumerate(drawn):
+        for b, box_b in drawn[i + 1:]:
+            w = min(box_a.x1, box_b.x1) - max(box_a.x0, box_b.x0)
+            h = min(box_a.y1, box_b.y1) - max(box_a.y0, box_b.y0)
+            smaller = min(box_a.width * box_a.height, box_b.width * box_b.height)
+            if w > 1 and h > 1 and w * h > 0.2 * smaller:
+                problems.append(f"{a.get_text()!r} and {b.get_text()!r} are drawn over each other")
+    return problems
+
+
+def _checked_print_figure(print_figure):
+    """Wrap ``FigureCanvasBase.print_figure`` so every figure a lesson shows is checked first."""
+
+    def checked(canvas, *args, **kwargs):
+        problems = readability_problems(canvas.figure)
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            print(f"{UNREADABLE}: {shown}", file=sys.stderr)
+        return print_figure(canvas, *args, **kwargs)
+
+    checked.kandlab_checked = True
+    return checked
+
+
+# `python -m kandlab.course execute` sets KANDLAB_CHECK_FIGURES=1 in the kernel: then every figure a
+# lesson displays is checked, and a problem is printed into the committed outputs, where a test finds it.
+if os.environ.get("KANDLAB_CHECK_FIGURES") == "1" and not getattr(FigureCanvasBase.print_figure, "kandlab_checked", False):
+    FigureCanvasBase.print_figure = _checked_print_figure(FigureCanvasBase.print_figure)
 
 # ---------------------------------------------------------------------------
 # Images

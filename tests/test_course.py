@@ -1,6 +1,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,3 +109,60 @@ def test_no_control_characters_in_lesson_sources():
             if hit:
                 problems.append(f"{path.name} cell {i}: {hit.group()!r} near {''.join(cell['source'])[max(0, hit.start() - 20):hit.end() + 20]!r}")
     assert not problems, "control characters in lesson text:\n" + "\n".join(problems)
+
+
+# ---------------------------------------------------------------------------
+# claim(): a sentence that compares measured things is checked by code
+
+
+def test_claim_prints_statement_and_numbers_when_it_holds(capsys, monkeypatch):
+    monkeypatch.setenv("KANDLAB_FAST", "0")
+    assert course.claim(0.82 > 0.75, "the decay stage scores higher", decay=0.82, anneal=(0.75, 0.019)) is True
+    out = capsys.readouterr().out
+    assert "claim holds: the decay stage scores higher" in out
+    assert "decay = 0.82" in out and "anneal = 0.75 ± 0.019" in out
+
+
+def test_claim_raises_a_teaching_error_when_the_numbers_disagree(monkeypatch):
+    monkeypatch.setenv("KANDLAB_FAST", "0")
+    with pytest.raises(course.ClaimFailed, match=r"(?s)DDIM holds up.*ddim = 0.6.*rewrite the prose"):
+        course.claim(0.6 > 0.7, "DDIM holds up", ddim=0.6, ddpm=0.7)
+
+
+def test_full_only_claims_never_raise_in_fast_mode_but_do_in_full(capsys, monkeypatch):
+    monkeypatch.setenv("KANDLAB_FAST", "1")
+    assert course.claim(False, "needs many samples", full_only=True, n=8) is False
+    assert "full mode only" in capsys.readouterr().out
+    with pytest.raises(course.ClaimFailed):  # not marked: checked in FAST mode too
+        course.claim(False, "holds at any n", n=8)
+    monkeypatch.setenv("KANDLAB_FAST", "0")
+    with pytest.raises(course.ClaimFailed):
+        course.claim(False, "needs many samples", full_only=True, n=512)
+
+
+def test_claim_accepts_tensor_and_numpy_conditions(capsys):
+    assert course.claim(torch.tensor(True), "a tensor condition", x=torch.tensor(0.5)) is True
+    assert course.claim(np.bool_(True), "a numpy condition", x=np.float32(0.25)) is True
+    assert "x = 0.25" in capsys.readouterr().out
+
+
+def test_mean_se_and_share_se_match_their_formulas():
+    values = [1.0, 2.0, 3.0, 4.0]
+    mean, se = course.mean_se(values)
+    assert mean == 2.5
+    assert se == pytest.approx(np.std(values, ddof=1) / 2)
+    assert course.mean_se(torch.tensor(values)) == (mean, se)
+    assert course.share_se(0.5, 100) == pytest.approx(0.05)
+    assert course.share_se(1.0, 10) == 0.0
+    with pytest.raises(ValueError, match="at least 2"):
+        course.mean_se([1.0])
+    with pytest.raises(ValueError, match="proportion"):
+        course.share_se(1.5, 10)
+
+
+def test_progress_bars_are_recognised_and_other_widgets_kept():
+    bar = {"output_type": "display_data", "data": {"application/vnd.jupyter.widget-view+json": {},
+                                                    "text/plain": "  0%|          | 0/50 [00:00<?, ?it/s]"}}
+    slider = {"output_type": "display_data", "data": {"application/vnd.jupyter.widget-view+json": {},
+                                                       "text/plain": "VBox(children=(IntSlider(value=0),))"}}
+    assert course.is_progress_bar(bar) and not course.is_progress_bar(slider)

@@ -56,3 +56,31 @@ def test_every_solution_has_a_learner_copy_and_a_readme_row():
     for sol in sorted((REPO / "solutions").glob("*.ipynb")):
         assert (REPO / "notebooks" / sol.name).exists()
         assert sol.stem in readme, f"README lesson table has no row for {sol.stem}"
+
+
+def _setup_cell(path: Path) -> str:
+    import json
+
+    cell = json.loads(path.read_text())["cells"][1]
+    return "".join(cell["source"])
+
+
+def test_colab_setup_cell_keeps_colabs_own_stack():
+    """Every lesson's setup cell is the same, installs kandlab with --no-deps (so Colab's torch and
+    Jupyter are not reinstalled) and enables the widget manager that ipywidgets 8 needs on Colab."""
+    cells = {p.name: _setup_cell(p) for p in sorted((REPO / "solutions").glob("*.ipynb"))}
+    first = next(iter(cells.values()))
+    assert all(c == first for c in cells.values()), "the lessons' setup cells differ; keep them identical"
+    assert "--no-deps -e kandlab" in first and "enable_custom_widget_manager" in first
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not any(d.startswith(("jupyter", "notebook", "ipykernel")) for d in deps), "Jupyter belongs in the lab extra"
+
+
+def test_lesson_00_gives_the_readmes_setup_command():
+    assert _readme_commands()[0] in _setup_cell_free_text(REPO / "solutions" / "00_welcome.ipynb")
+
+
+def _setup_cell_free_text(path: Path) -> str:
+    import json
+
+    return "".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown")

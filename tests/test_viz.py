@@ -58,3 +58,23 @@ def test_to_image_rejects_batches():
 
     with pytest.raises(ValueError, match="one image"):
         viz.to_image(torch.zeros(2, 3, 4, 4))
+
+
+def test_readability_problems_finds_small_type_and_overlapping_labels():
+    import matplotlib.pyplot as plt
+
+    from kandlab import viz
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot(range(100))
+    ax.set_xticks(range(0, 100, 4))  # 25 labels on a 2-inch axis
+    ax.set_title("tiny", fontsize=6)
+    problems = viz.readability_problems(fig)
+    assert any("'tiny' is set in 6.0 pt" in p for p in problems)
+    assert any("drawn over each other" in p for p in problems)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([0, 1], [0, 1])
+    ax.set_title("readable")
+    assert viz.readability_problems(fig) == []
+    plt.close(fig)
