@@ -186,6 +186,25 @@ def _attention_widths(config: UNetConfig) -> list[tuple[str, int]]:
     return out
 
 
+def level_resolutions(config: UNetConfig, size: int) -> list[tuple[int, int]]:
+    """For each down level (fine → coarse): (side it works at, side it hands on) for an input of ``size``.
+
+    Level ``l`` receives the output of level ``l - 1`` (``conv_in`` keeps the input size);
+    its blocks and attention run at that side, and every level except the deepest halves it
+    in its last ResNet block. Kandinsky 3 at 1024² (latents 128² after MoVQ's ×8):
+    ``[(128, 64), (64, 32), (32, 16), (16, 16)]``.
+    """
+    if size % config.downsample_factor:
+        raise ValueError(f"size {size} is not divisible by {config.downsample_factor} "
+                         f"(the UNet halves it {config.num_levels - 1} times)")
+    out = []
+    for level in range(config.num_levels):
+        hand_on = size if level == config.num_levels - 1 else size // 2
+        out.append((size, hand_on))
+        size = hand_on
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # 1. Time embedding
 # --------------------------------------------------------------------------------------
@@ -359,6 +378,15 @@ class ResNetBlock(nn.Module):
 # --------------------------------------------------------------------------------------
 # 4. Attention
 # --------------------------------------------------------------------------------------
+
+
+def text_mask_bias(text_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The additive attention bias of a text mask: 0 for real tokens, ``MASK_BIAS`` for padding.
+
+    text_mask: (B, L), bool or 0/1 with 1 = real token → (B, 1, 1, L), which broadcasts over
+    heads and queries in scores of shape (B, heads, N, L).
+    """
+    return ((1.0 - text_mask.to(dtype)) * MASK_BIAS)[:, None, None, :]
 
 
 class Attention(nn.Module):
@@ -642,8 +670,7 @@ class UNet(nn.Module):
         if text is not None:
             text = self.text_projection(text)  # (B, L, D)
             if text_mask is not None:
-                mask_bias = (1.0 - text_mask.to(text.dtype)) * MASK_BIAS  # (B, L)
-                mask_bias = mask_bias[:, None, None, :]  # (B, 1, 1, L): broadcast over heads, queries
+                mask_bias = text_mask_bias(text_mask, text.dtype)  # (B, 1, 1, L)
             t_emb = t_emb + self.attention_pooling(text, mask_bias)  # (B, T)
         t_act = F.silu(t_emb)  # (B, T), shared by every conditional group norm
 

@@ -118,6 +118,11 @@ def _live_panel(rows: list, controls: list, draw) -> "widgets.VBox":
     return box
 
 
+def to_display_range(x: torch.Tensor) -> torch.Tensor:
+    """Model range [-1, 1] → display range [0, 1], clipping what overshoots.  Any shape → same shape."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
 def to_image(x: torch.Tensor | np.ndarray) -> np.ndarray:
     """(C, H, W) tensor in [-1, 1] → (H, W, C) float array in [0, 1] for imshow."""
     if isinstance(x, torch.Tensor):
@@ -126,7 +131,7 @@ def to_image(x: torch.Tensor | np.ndarray) -> np.ndarray:
         raise ValueError(f"expected one image (C, H, W), got shape {x.shape}")
     if x.shape[0] in (1, 3):
         x = np.moveaxis(x, 0, -1)
-    return np.clip((x + 1) / 2, 0, 1).squeeze()
+    return to_display_range(torch.from_numpy(np.ascontiguousarray(x))).numpy().squeeze()
 
 
 def show_images(
@@ -135,9 +140,9 @@ def show_images(
     ncols: int = 8,
     size: float = 1.4,
     suptitle: str | None = None,
-    fontsize: int = 7,
+    fontsize: int = 8,
 ) -> plt.Figure:
-    """A grid of (C, H, W) images in [-1, 1] with optional titles."""
+    """A grid of (C, H, W) images in [-1, 1] with optional titles (``fontsize`` ≥ 8 pt stays readable)."""
     images = list(images)
     n = len(images)
     ncols = min(ncols, n)
@@ -457,20 +462,41 @@ def cross_attention_maps(model: torch.nn.Module, x: torch.Tensor, t: torch.Tenso
 
 
 def plot_cross_attention(image: torch.Tensor, maps: list[tuple[str, torch.Tensor]], tokens: Sequence[str],
-                         token_index: int, sample: int = 0) -> plt.Figure:
-    """The image and, for one text token, its attention map at every cross-attention layer."""
-    n = len(maps)
-    fig, axes = plt.subplots(1, n + 1, figsize=(1.6 * (n + 1), 2.1))
-    axes[0].imshow(to_image(image), interpolation="nearest")
-    axes[0].set_title("x_t" if image.abs().max() > 1.05 else "image", fontsize=8)
-    for ax, (name, m) in zip(axes[1:], maps):
-        ax.imshow(m[sample, :, :, token_index].numpy(), cmap="magma", vmin=0, interpolation="nearest")
-        path = "down" if name.startswith("down") else "up"
-        ax.set_title(f"{path} {m.shape[1]}×{m.shape[2]}", fontsize=7)
-    for ax in axes:
+                         token_index: int, sample: int = 0, note: str | None = None) -> plt.Figure:
+    """The image and, for one text token, its attention map at every cross-attention layer.
+
+    One row for the down path and one for the up path (in execution order), each panel titled
+    with its resolution; all maps share one colour scale (the share of a pixel's attention that
+    goes to the token, 0–1 summed over tokens), shown by the colour bar. ``note`` is printed
+    under the title (e.g. where the weights come from).
+    """
+    rows = {"down": [(n, m) for n, m in maps if n.startswith("down")],
+            "up": [(n, m) for n, m in maps if not n.startswith("down")]}
+    rows = {k: v for k, v in rows.items() if v}
+    ncols = max((len(v) for v in rows.values()), default=1)
+    nrows = max(len(rows), 1)
+    vmax = max((float(m[sample, :, :, token_index].max()) for _, m in maps), default=1.0) or 1.0
+    fig, axes = plt.subplots(nrows, ncols + 1, figsize=(1.45 * (ncols + 1) + 1.0, 1.75 * nrows + 0.8), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat:
         ax.axis("off")
-    fig.suptitle(f"cross-attention to token {token_index}: {tokens[token_index]!r}", fontsize=9)
-    fig.tight_layout()
+    axes[0, 0].imshow(to_image(image), interpolation="nearest")
+    axes[0, 0].set_title("x_t" if image.abs().max() > 1.05 else "image", fontsize=9)
+    shown = None
+    for r, (path, row) in enumerate(rows.items()):
+        axes[r, 1].text(-0.12, 0.5, path, transform=axes[r, 1].transAxes, rotation=90, ha="right", va="center",
+                        fontsize=10, weight="bold")
+        for c, (name, m) in enumerate(row):
+            ax = axes[r, c + 1]
+            shown = ax.imshow(m[sample, :, :, token_index].numpy(), cmap="magma", vmin=0, vmax=vmax,
+                              interpolation="nearest")
+            ax.set_title(f"{m.shape[1]}×{m.shape[2]}", fontsize=9)
+    title = f"cross-attention to token {token_index}: {tokens[token_index]!r}"
+    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=10)
+    if shown is not None:
+        bar = fig.colorbar(shown, ax=axes[:, 1:].ravel().tolist(), fraction=0.03, pad=0.02)
+        bar.set_label("attention share", fontsize=9)
+        bar.ax.tick_params(labelsize=8)
     return fig
 
 
@@ -496,7 +522,7 @@ def _score_line(score: dict[str, float]) -> str:
     return " · ".join(f"{k} {'—' if np.isnan(score[k]) else f'{score[k]:.2f}'}" for k in _CATEGORIES)
 
 
-def plot_rows(rows: dict[str, torch.Tensor], col_titles: Sequence[str] | None = None, size: float = 1.2,
+def plot_rows(rows: dict[str, torch.Tensor], col_titles: Sequence[str] | None = None, size: float = 1.4,
               suptitle: str | None = None) -> plt.Figure:
     """Rows of images side by side, each labelled on the left, e.g. the same seeds under
     different guidance. ``rows`` maps a label to images (N, C, H, W) in [-1, 1]; all rows
@@ -511,7 +537,9 @@ def plot_rows(rows: dict[str, torch.Tensor], col_titles: Sequence[str] | None = 
     (ncols,) = ncols
     if col_titles is not None and len(col_titles) != ncols:
         raise ValueError(f"got {len(col_titles)} column titles for {ncols} columns")
-    top = 0.55 if col_titles is not None else 0.0
+    width = max(8, int(size * 12))  # characters of 8 pt type that fit above one image
+    titles = ["\n".join(textwrap.wrap(t, width)) for t in col_titles] if col_titles is not None else None
+    top = 0.16 * max(t.count("\n") + 1 for t in titles) + 0.1 if titles else 0.0  # inches of 8 pt lines
     fig, axes = plt.subplots(len(rows), ncols, figsize=(size * ncols + 0.9, size * len(rows) + top + 0.3),
                              squeeze=False)
     for r, (label, images) in enumerate(rows.items()):
@@ -521,8 +549,8 @@ def plot_rows(rows: dict[str, torch.Tensor], col_titles: Sequence[str] | None = 
             ax.set_xticks([]), ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(label, fontsize=8)
-            if r == 0 and col_titles is not None:
-                ax.set_title("\n".join(textwrap.wrap(col_titles[c], 16)), fontsize=6)
+            if r == 0 and titles is not None:
+                ax.set_title(titles[c], fontsize=8)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
@@ -530,19 +558,37 @@ def plot_rows(rows: dict[str, torch.Tensor], col_titles: Sequence[str] | None = 
 
 
 def plot_guidance_sweep(scales: Sequence[float], scores: Sequence[dict[str, float]],
-                        diversities: Sequence[float], title: str = "") -> plt.Figure:
-    """ShapesBench per category (left) and sample diversity (right) against the guidance scale s."""
+                        diversities: Sequence[float], title: str = "", n_images: int | None = None,
+                        diversity_se: Sequence[float] | None = None) -> plt.Figure:
+    """ShapesBench per category (left) and sample diversity (right) against the guidance scale s.
+
+    ``n_images`` (images scored per scale) adds ±1 standard-error bars √(p(1−p)/n) to the overall
+    score; ``diversity_se`` (one standard error per scale) adds them to the diversity.
+    """
     if not (len(scales) == len(scores) == len(diversities)) or len(scales) == 0:
         raise ValueError("scales, scores and diversities must be non-empty and of the same length")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    if diversity_se is not None and len(diversity_se) != len(scales):
+        raise ValueError(f"got {len(diversity_se)} diversity standard errors for {len(scales)} scales")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for k in _CATEGORIES:
-        left.plot(scales, [s[k] for s in scores], "o-", lw=2.5 if k == "overall" else 1.2,
-                  color="black" if k == "overall" else None, label=k, ms=4)
+        values = [s[k] for s in scores]
+        if k == "overall" and n_images:
+            se = [np.sqrt(max(v * (1 - v), 0.0) / n_images) for v in values]
+            left.errorbar(scales, values, yerr=se, fmt="o-", lw=2.5, color="black", ms=4, capsize=3,
+                          label=f"overall (±1 SE, n = {n_images})")
+        else:
+            left.plot(scales, values, "o-", lw=2.5 if k == "overall" else 1.2,
+                      color="black" if k == "overall" else None, label=k, ms=4)
     left.set(xlabel="guidance scale s", ylabel="ShapesBench accuracy", ylim=(-0.03, 1.03),
              title="fidelity: ShapesBench per category")
     left.axvline(1.0, color="grey", ls=":", lw=1)
-    left.legend(fontsize=8, ncol=2)
-    right.plot(scales, diversities, "o-", color="tab:purple")
+    left.legend(fontsize=8, ncol=2, loc="lower right")
+    if diversity_se is not None:
+        right.errorbar(scales, diversities, yerr=list(diversity_se), fmt="o-", color="tab:purple", capsize=3,
+                       label="±1 SE over prompts")
+        right.legend(fontsize=8, loc="upper right")
+    else:
+        right.plot(scales, diversities, "o-", color="tab:purple")
     right.set(xlabel="guidance scale s", ylabel="mean pairwise |Δpixel| (0–1)", ylim=(0, None),
               title="diversity: same prompt, different seeds")
     right.axvline(1.0, color="grey", ls=":", lw=1)
@@ -562,13 +608,14 @@ def plot_count_confusion(matrices: dict[str, np.ndarray | Sequence[Sequence[int]
 
     if not matrices:
         raise ValueError("give at least one confusion matrix, e.g. {'shipped': shapes.count_confusion(images, prompts)}")
-    fig, axes = plt.subplots(1, len(matrices), figsize=(3.3 * len(matrices), 2.9), squeeze=False)
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.9 * len(matrices) + 0.8, 3.3), squeeze=False,
+                             layout="constrained")
     for ax, (label, matrix) in zip(axes[0], matrices.items()):
         m = np.asarray(matrix, dtype=float)  # (3, MAX_DRAWN + 1)
         share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        shown = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
         for (k, j), n in np.ndenumerate(m):
-            ax.text(j, k, f"{share[k, j]:.0%}\n({int(n)})", ha="center", va="center", fontsize=7,
+            ax.text(j, k, f"{share[k, j]:.0%}\n({int(n)})", ha="center", va="center", fontsize=8,
                     color="white" if share[k, j] > 0.6 else "black")
         for k in range(len(m)):  # outline the right answer
             ax.add_patch(plt.Rectangle((k + 0.5, k - 0.5), 1, 1, fill=False, ec="tab:green", lw=2))
@@ -576,9 +623,11 @@ def plot_count_confusion(matrices: dict[str, np.ndarray | Sequence[Sequence[int]
         ax.set_yticks(range(len(m)), [str(k + 1) for k in range(len(m))])
         right = shapes.count_error_shares(m)["right"]
         ax.set(xlabel="objects drawn", ylabel="objects asked for", title=f"{label}\nright: {right:.0%} of groups")
+    bar = fig.colorbar(shown, ax=axes[0].tolist(), fraction=0.04, pad=0.02)
+    bar.set_label("share of the row", fontsize=8)
+    bar.ax.tick_params(labelsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return fig
 
 
@@ -588,7 +637,8 @@ def plot_guidance_grid(images: torch.Tensor, prompt: str, scale: float, score: d
     n = len(images)
     ncols = min(ncols, n)
     nrows = (n + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.3 * ncols, 1.3 * nrows + 0.6), squeeze=False)
+    width = max(1.3 * ncols, 6.0)  # room for the score line at 9 pt
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, width / ncols * nrows + 0.7), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:

@@ -353,3 +353,32 @@ def test_from_diffusers_with_mismatched_config():
         UNet.from_diffusers(theirs.state_dict(), fewer)
     with pytest.raises(ValueError, match=r"needs config=UNetConfig"):
         UNet.from_diffusers(theirs.state_dict())
+
+
+def test_level_resolutions_match_a_meta_forward():
+    """`level_resolutions` (lesson 03) says where each down level works; a forward pass on the
+    meta device (shapes only, no memory) records the same sides for Kandinsky 3 at 1024²."""
+    from kandlab.unet import level_resolutions
+
+    config = UNetConfig.kandinsky3()
+    assert level_resolutions(config, 128) == [(128, 64), (64, 32), (32, 16), (16, 16)]
+    with torch.device("meta"):
+        model = UNet(config)
+        seen = []
+        hooks = [level.register_forward_hook(lambda m, args, out: seen.append((args[0].shape[-1], out.shape[-1])))
+                 for level in model.down]
+        model(torch.empty(1, 4, 128, 128), torch.tensor([10.0]), torch.empty(1, 8, 4096))  # no mask: its 0/1 check reads values
+    for h in hooks:
+        h.remove()
+    assert seen == level_resolutions(config, 128)
+    assert level_resolutions(UNetConfig.tiny_pixel(), 32) == [(32, 16), (16, 8), (8, 4), (4, 4)]
+    with pytest.raises(ValueError, match="divisible by 8"):
+        level_resolutions(config, 100)
+
+
+def test_text_mask_bias():
+    from kandlab.unet import MASK_BIAS, text_mask_bias
+
+    bias = text_mask_bias(torch.tensor([[1, 1, 0], [True, False, False]]).bool())
+    assert bias.shape == (2, 1, 1, 3)
+    assert bias[0, 0, 0].tolist() == [0.0, 0.0, MASK_BIAS] and bias[1, 0, 0].tolist() == [0.0, MASK_BIAS, MASK_BIAS]

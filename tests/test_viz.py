@@ -78,3 +78,18 @@ def test_readability_problems_finds_small_type_and_overlapping_labels():
     ax.set_title("readable")
     assert viz.readability_problems(fig) == []
     plt.close(fig)
+
+
+def test_to_display_range_maps_and_clips():
+    x = torch.tensor([-1.5, -1.0, 0.0, 1.0, 1.5])
+    assert viz.to_display_range(x).tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+    img = torch.rand(3, 4, 4) * 2 - 1
+    assert torch.allclose(torch.from_numpy(viz.to_image(img)), viz.to_display_range(img).permute(1, 2, 0))
+
+
+def test_cross_attention_figure_has_a_colour_bar_and_readable_type():
+    maps = [(f"{p}.1.cross_attentions.{i}", torch.rand(1, s, s, 3)) for p in ("down", "up") for i, s in enumerate((8, 4))]
+    fig = viz.plot_cross_attention(torch.rand(3, 8, 8) * 2 - 1, maps, ["a", "b", "</s>"], 1, note="random weights")
+    assert any(ax.get_label() == "<colorbar>" for ax in fig.axes)
+    assert viz.readability_problems(fig) == []
+    plt.close(fig)
