@@ -42,6 +42,7 @@ __all__ = [
     "static_threshold",
     "dynamic_threshold",
     "out_of_range",
+    "overshoot",
     "saturation",
     "cfg_eps",
     "kandinsky3_cfg_eps",
@@ -183,6 +184,20 @@ def out_of_range(x: Tensor, limit: float = 1.0) -> Tensor:
     if not (limit > 0 and math.isfinite(limit)):
         raise ValueError(f"limit={limit} must be a positive number; images live in [-1, 1]: use 1.0")
     return (flat.abs() > limit).float().mean(dim=1)
+
+
+def overshoot(x: Tensor, limit: float = 1.0) -> Tensor:
+    r"""Per-sample **mean excess** beyond the image range: :math:`\operatorname{mean}\,\max(|x| - \text{limit}, 0)`.
+
+    `out_of_range` counts how many values cross ±limit, however slightly; this measures how
+    far they go. A ±1 background that overshoots by a hair (|x| = 1.01) adds almost nothing,
+    a prediction that blows up to |x| = 5 adds 4 per value. Use it before any clamp, like
+    `out_of_range`. (B, ...) -> (B,), in the units of x (0 when every value is inside).
+    """
+    flat = _check_measured(x, "x")
+    if not (limit > 0 and math.isfinite(limit)):
+        raise ValueError(f"limit={limit} must be a positive number; images live in [-1, 1]: use 1.0")
+    return (flat.abs() - limit).clamp(min=0).float().mean(dim=1)
 
 
 def saturation(images: Tensor, tol: float = 0.02) -> Tensor:

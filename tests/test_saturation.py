@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kandlab.diffusion import dynamic_threshold, out_of_range, saturation, static_threshold
+from kandlab.diffusion import dynamic_threshold, out_of_range, overshoot, saturation, static_threshold
 
 
 def hand_made() -> torch.Tensor:
@@ -18,6 +18,18 @@ def test_out_of_range_exact_values():
     assert torch.equal(out_of_range(x), torch.tensor([2 / 8, 1 / 8]))  # ±1 itself is inside
     assert torch.equal(out_of_range(x, limit=0.45), torch.tensor([7 / 8, 4 / 8]))
     assert torch.equal(out_of_range(x.clamp(-1, 1)), torch.zeros(2))  # nothing survives the clamp
+
+
+def test_overshoot_is_the_mean_excess():
+    x = hand_made()
+    # a: excess 0.5 (1.5) + 2.0 (-3.0) over 8 values; b: 1.0 (2.0) over 8 values
+    assert torch.allclose(overshoot(x), torch.tensor([2.5 / 8, 1.0 / 8]))
+    assert torch.allclose(overshoot(x, limit=2.0), torch.tensor([1.0 / 8, 0.0]))
+    assert torch.equal(overshoot(x.clamp(-1, 1)), torch.zeros(2))
+    # a hair over the ±1 background counts in out_of_range but hardly in overshoot
+    hair = torch.full((1, 3, 4, 4), -1.01)
+    assert out_of_range(hair).item() == 1.0 and overshoot(hair).item() < 0.011
+    assert overshoot(x.double()).dtype == torch.float32
 
 
 def test_saturation_exact_values():
@@ -51,6 +63,8 @@ def test_dtype_and_shape():
         (lambda: out_of_range(torch.zeros(0, 3)), "empty"),
         (lambda: saturation(torch.tensor([[0.0, float("nan")]])), "NaN"),
         (lambda: out_of_range(torch.zeros(2, 3), limit=0), "positive"),
+        (lambda: overshoot(torch.zeros(2, 3), limit=float("inf")), "positive"),
+        (lambda: overshoot(torch.zeros(5)), "batch of images"),
         (lambda: saturation(torch.zeros(2, 3), tol=1.0), r"\[0, 1\)"),
         (lambda: saturation(torch.zeros(2, 3), tol=-0.1), r"\[0, 1\)"),
     ],
