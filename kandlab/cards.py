@@ -387,8 +387,10 @@ def model_card(card: dict, cards: dict[str, dict] | None = None) -> str:
                          _hardware(stage["hardware"])])
         out += _table(["stage", "steps", "loss", "wall time", "steps/s", "hardware"], rows) + [""]
     if "wall_time_seconds" in card:
+        where = ("the hardware in the stage table" if len(card.get("stages") or []) > 1
+                 else _hardware(card["hardware"]))
         line = (f"Wall time {_minutes(card['wall_time_seconds'])} for {card['steps']:,} steps "
-                f"({card['steps_per_second']:.2f} steps/s overall) on {_hardware(card['hardware'])}")
+                f"({card['steps_per_second']:.2f} steps/s overall) on {where}")
         if "final_loss_mean_last_100" in card:
             line += (f"; final loss {card['final_loss_mean_last_100']:g} (mean of the last 100 steps; the curve, one "
                      f"value per 25 steps, is `loss_curve_every_25_steps` in the JSON)")
