@@ -3,7 +3,10 @@
 ``kandlab generate "two red circles above a blue square" -o out.png`` samples the
 shipped tiny text-to-image model offline; bad input (unknown words, empty
 prompt, steps outside 1..1000, negative guidance, an unwritable output path)
-is refused before any work starts, with a message and exit status 2.
+is refused before any work starts, with a message and exit status 2 -- so is a request
+that would not fit in memory (``-n`` images are sampled in one batch, ``--upscale``
+enlarges the PNG): the message says the largest value that fits here
+(`kandlab.pipeline.check_memory`, `check_png_memory`).
 
 ``kandlab doctor`` answers "will the course work here?": versions, CPU/GPU and
 memory, whether the model hub is reachable (≤ ~2 s offline, never hangs), every
@@ -177,16 +180,51 @@ def _check_output_path(path: str) -> Path:
     return out
 
 
-def save_png_grid(images, path: Path, upscale: int = 4, columns: int | None = None) -> None:
-    """Tile images (N, 3, H, W) in [-1, 1] into one picture (nearest-neighbour ``upscale``, 2 px gaps)."""
+def _grid_shape(n: int, columns: int | None = None) -> tuple[int, int]:
+    """(rows, columns) of the PNG grid of ``n`` images."""
     import math
 
+    cols = columns or min(n, int(math.ceil(math.sqrt(n))))
+    return int(math.ceil(n / cols)), cols
+
+
+def _grid_sides(n: int, size: int) -> tuple[int, int]:
+    """(height, width) in px of the PNG grid of ``n`` images of size × size, before enlarging."""
+    rows, cols = _grid_shape(n)
+    gap = 2 if n > 1 else 0
+    return rows * (size + gap) - gap, cols * (size + gap) - gap
+
+
+def png_bytes(n: int, size: int, upscale: int) -> int:
+    """Memory (bytes) `save_png_grid` needs for ``n`` images of size × size: the RGB canvas, the picture
+    enlarged ``upscale`` times, and the PNG encoder's copy of it."""
+    height, width = _grid_sides(n, size)
+    return 3 * height * width * (1 + 2 * upscale ** 2)
+
+
+def check_png_memory(n: int, size: int, upscale: int) -> None:
+    """Refuse an ``--upscale`` whose picture would not fit in memory; the message says the largest that fits."""
+    import math
+
+    from kandlab.pipeline import MEMORY_SHARE, _gib, available_memory
+
+    available = available_memory()
+    if available is None or png_bytes(n, size, upscale) <= MEMORY_SHARE * available:
+        return
+    height, width = _grid_sides(n, size)
+    most = max(1, math.isqrt(max(0, int((MEMORY_SHARE * available / (3 * height * width) - 1) / 2))))
+    raise ValueError(f"--upscale={upscale} makes a picture of {width * upscale} × {height * upscale} px that needs "
+                     f"about {_gib(png_bytes(n, size, upscale))} of memory, but only {_gib(available)} is available "
+                     f"here: the largest --upscale that fits for {n} image{'s' if n > 1 else ''} is {most}")
+
+
+def save_png_grid(images, path: Path, upscale: int = 4, columns: int | None = None) -> None:
+    """Tile images (N, 3, H, W) in [-1, 1] into one picture (nearest-neighbour ``upscale``, 2 px gaps)."""
     import numpy as np
     from PIL import Image
 
     n, _, h, w = images.shape
-    cols = columns or min(n, int(math.ceil(math.sqrt(n))))
-    rows = int(math.ceil(n / cols))
+    rows, cols = _grid_shape(n, columns)
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
     gap = 2 if n > 1 else 0
     canvas = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, dtype=np.uint8)
@@ -200,8 +238,10 @@ def save_png_grid(images, path: Path, upscale: int = 4, columns: int | None = No
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from kandlab.pipeline import Pipeline, check_prompts, check_sampling_args
+    from kandlab import weights
+    from kandlab.pipeline import Pipeline, check_memory, check_prompts, check_sampling_args
     from kandlab.tokenizer import ShapesTokenizer
+    from kandlab.unet import UNetConfig
 
     start = args.start.replace("-", "_")  # the CLI spells it data-mean, the Python API data_mean
     try:
@@ -212,6 +252,12 @@ def generate_command(args: argparse.Namespace) -> int:
             raise ValueError(f"--upscale={args.upscale} must be at least 1")
         out = _check_output_path(args.output)
         check_prompts([args.prompt], ShapesTokenizer.from_shapes())  # unknown words: refused before loading
+        weights.tiny_path(f"{args.model}.safetensors")  # missing or corrupted: says how to restore it
+        card = weights.load_card(f"{args.model}.safetensors")
+        if "unet_config" in card:  # memory: from the card's config, before loading the weights (from_tiny
+            size = card["recipe"]["image_size"]  # refuses a card without one)
+            check_memory(args.num_images, UNetConfig(**card["unet_config"]), size, args.guidance, args.steps)
+            check_png_memory(args.num_images, size, args.upscale)
         pipe = Pipeline.from_tiny(args.model)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"kandlab generate: {err}", file=sys.stderr)

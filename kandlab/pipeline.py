@@ -18,8 +18,10 @@ optional threshold of x̂₀ (lesson 06).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -216,6 +218,8 @@ def check_sampling_args(steps: int, guidance: float, sampler: str, images_per_pr
         raise ValueError(f"sampler={sampler!r} must be 'ddim' or 'ddpm'")
     if isinstance(images_per_prompt, bool) or not isinstance(images_per_prompt, int) or images_per_prompt < 1:
         raise ValueError(f"images_per_prompt={images_per_prompt!r} must be an int >= 1")
+        check_memory(len(prompts) * images_per_prompt, self.model.unet.config, self.image_size, guidance, steps,
+                     return_trajectory)  # a batch is sampled at once: refuse what cannot fit, before any work
     if threshold not in ("static", "dynamic", "none"):
         raise ValueError(f"threshold={threshold!r} must be 'static', 'dynamic' or 'none'")
     _check_start(start)
@@ -224,3 +228,135 @@ def check_sampling_args(steps: int, guidance: float, sampler: str, images_per_pr
 def config_card(model: TextToImage) -> dict:
     """The configs a card needs to rebuild ``model``."""
     return {"unet_config": asdict(model.unet.config), "t5_config": asdict(model.t5.config)}
+# ---------------------------------------------------------------------------
+# Memory: refuse a request that cannot fit before sampling it (a batch is sampled at once)
+
+FLOAT_BYTES = 4  # fp32
+ALLOCATOR_SLACK = 1.25  # the allocator holds more than the live tensors `activation_bytes` counts; 1.25 makes
+# the estimate cover the growth measured below (documented in `activation_bytes`)
+MEMORY_SHARE = 0.8  # of the available memory a request may plan to use; the rest is the headroom of the
+# allocator, the weights and Python itself
+
+
+def activation_bytes(config: UNetConfig, image_size: int, text_length: int = 16) -> int:
+    """Estimated peak activation memory (bytes) of one image in one UNet forward without gradients (fp32).
+
+    Walks the UNet level by level: a ResNet block holds its input, the 9-fold unfolded input of its 3×3
+    convolution (im2col, as the CPU convolution does), its widest intermediate twice (a result and the norm or
+    activation made from it) and its output; an attention block its input, its q, k, v and the scores
+    (heads × queries × keys, twice: scores and softmax) or its feed-forward (4C, twice), and its output. The
+    skips saved for the decoder stay alive throughout. The peak is the largest block's live set plus the skips,
+    times `ALLOCATOR_SLACK` for what the allocator keeps besides.
+
+    Measured as the growth of peak RSS per image (``resource.getrusage``, one thread), for the shipped
+    ``pixel_text`` UNet at 32×32: one forward, batch 64 → 256: 2.05 MiB per image; sampling with guidance
+    (both branches in one batch), 128 → 512 images: 2.81 MiB per image. This estimate: 2.42 MiB per image and
+    forward, 4.9 MiB per guided image (`sampling_bytes_per_image`), so it errs on the safe side;
+    ``tests/test_pipeline.py`` measures a small UNet the same way and checks the estimate against it.
+    """
+    c = config
+    widths = [c.init_channels, *c.block_out_channels]
+    heads_of = lambda ch: max(1, ch // c.head_dim)  # noqa: E731
+    last = c.num_levels - 1
+
+    def resnet(c_in: int, c_out: int, n_in: int, n_out: int) -> int:  # n: pixels at input / output
+        h = max(c_in, c_out) // c.compression_ratio
+        n = max(n_in, n_out)
+        im2col = 9 * h * n  # a 3×3 convolution on the CPU unfolds its input into 9 × channels × pixels
+        return c_in * n_in + im2col + 2 * max(h, c_out, c_in) * n + c_out * n_out
+
+    def attention(ch: int, n: int, keys: int) -> int:
+        h = heads_of(ch)
+        scores = 2 * h * n * keys
+        return ch * n + max(3 * ch * n + scores, 2 * c.expansion_ratio * ch * n) + ch * n
+
+    peaks, skips = [], 0
+    for level in range(c.num_levels):  # encoder
+        n = (image_size // 2 ** level) ** 2
+        n_out = n // 4 if level != last else n
+        c_in, c_out = widths[level], widths[level + 1]
+        attend = c.attention_levels[level]
+        block = max(resnet(c_in, c_out, n, n), resnet(c_out, c_out, n, n_out))
+        if attend:
+            block = max(block, attention(c_in, n, n))
+            if c.text_conditioned:
+                block = max(block, attention(c_out, n, text_length))
+        peaks.append(block + skips)
+        if level != last:
+            skips += c_out * n_out
+    for level in reversed(range(c.num_levels)):  # decoder: input at the coarser size, output at this one
+        n_out = (image_size // 2 ** level) ** 2
+        n_in = n_out // 4 if level != last else n_out
+        c_skip = widths[level + 1] if level != last else 0
+        if level != last:
+            skips -= c_skip * n_in
+        c_cat = widths[level + 1] + c_skip
+        attend = c.attention_levels[level]
+        block = max(resnet(c_cat, c_cat, n_in, n_out), resnet(c_cat, widths[level], n_out, n_out))
+        if attend:
+            block = max(block, attention(widths[level], n_out, n_out))
+            if c.text_conditioned:
+                block = max(block, attention(c_cat, n_out, text_length))
+        peaks.append(block + skips)
+    return int(ALLOCATOR_SLACK * FLOAT_BYTES * max(peaks))
+
+
+def sampling_bytes_per_image(config: UNetConfig, image_size: int, guidance: float = 4.0, steps: int = 50,
+                             return_trajectory: bool = False) -> int:
+    """Memory (bytes) one image of a `Pipeline.__call__` batch adds: its UNet activations, twice with guidance
+    (both branches run in one batch), the sample and its noise, and the trajectory when one is returned
+    (x_t and x̂₀ of every step)."""
+    image = FLOAT_BYTES * config.in_channels * image_size ** 2
+    branches = 1 if guidance == 1.0 else 2
+    trajectory = 2 * (steps + 1) * image if return_trajectory else 0
+    return branches * activation_bytes(config, image_size) + 4 * image + trajectory
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation: ``MemAvailable`` of /proc/meminfo (Linux), else the
+    free physical pages (``os.sysconf``); None where neither can be read (then nothing is refused)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def max_images(config: UNetConfig, image_size: int, guidance: float = 4.0, steps: int = 50,
+               return_trajectory: bool = False, available: int | None = None) -> int | None:
+    """The most images one `Pipeline.__call__` may sample here (`MEMORY_SHARE` of the available memory
+    over `sampling_bytes_per_image`); None when the available memory is unknown."""
+    available = available_memory() if available is None else available
+    if available is None:
+        return None
+    per_image = sampling_bytes_per_image(config, image_size, guidance, steps, return_trajectory)
+    return max(0, int(MEMORY_SHARE * available // per_image))
+
+
+def check_memory(num_images: int, config: UNetConfig, image_size: int, guidance: float = 4.0, steps: int = 50,
+                 return_trajectory: bool = False) -> None:
+    """Refuse, before any work, a batch of images that would not fit in memory: a ValueError that says how
+    much it needs and the largest number that fits (shared by `Pipeline.__call__` and ``kandlab generate``)."""
+    available = available_memory()
+    most = max_images(config, image_size, guidance, steps, return_trajectory, available)
+    if most is None or num_images <= most:
+        return
+    per_image = sampling_bytes_per_image(config, image_size, guidance, steps, return_trajectory)
+    what = "UNet activations" + (" of both guidance branches" if guidance != 1.0 else "") + (
+        f" and the {steps}-step trajectory" if return_trajectory else "")
+    raise ValueError(
+        f"{num_images} images at once (prompts × images_per_prompt; -n in kandlab generate) need about "
+        f"{_gib(num_images * per_image)} of memory ({_gib(per_image)} per image: {what} at "
+        f"{image_size}×{image_size}), but only {_gib(available)} is available here: at most {most} images fit. "
+        f"Ask for {most} or fewer, or sample in several calls with different seeds.")
+
+

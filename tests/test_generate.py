@@ -57,3 +57,39 @@ def test_unknown_start_is_refused_by_the_parser(capsys):
         cli.main(["generate", "one red circle", "--start", "zeros"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not SHIPPED, reason="pixel_text not shipped yet")
+def test_too_many_images_fail_fast_with_the_largest_that_fits(capsys, tmp_path, monkeypatch):
+    """`-n 100000` would need hundreds of GiB in one batch: refused before loading, with the largest n that fits
+    (from the card's UNet config and the available memory), and the Python API says the same."""
+    import time
+
+    from kandlab import pipeline
+    from kandlab.pipeline import Pipeline, max_images
+    from kandlab.unet import UNetConfig
+
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 16 * 2 ** 30)  # the same number for both calls
+    card = weights.load_card("pixel_text.safetensors")
+    most = max_images(UNetConfig(**card["unet_config"]), card["recipe"]["image_size"])
+    began = time.perf_counter()
+    assert cli.main(["generate", "one red circle", "-n", "100000", "-o", str(tmp_path / "x.png")]) == 2
+    assert time.perf_counter() - began < 0.5
+    err = capsys.readouterr().err
+    assert f"at most {most} images fit" in err and "Traceback" not in err and not (tmp_path / "x.png").exists()
+    with pytest.raises(ValueError) as api:
+        Pipeline.from_tiny("pixel_text")("one red circle", images_per_prompt=100000, progress=False)
+    assert err.strip() == f"kandlab generate: {api.value}"
+
+
+def test_an_upscale_too_large_for_memory_is_refused_with_the_largest_that_fits(capsys, tmp_path, monkeypatch):
+    from kandlab import pipeline
+
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 2 ** 30)
+    most = max(u for u in range(1, 2000) if cli.png_bytes(1, 32, u) <= 0.8 * 2 ** 30)
+    cli.check_png_memory(1, 32, most)  # the largest that fits passes
+    with pytest.raises(ValueError, match=f"largest --upscale that fits for 1 image is {most}$"):
+        cli.check_png_memory(1, 32, most + 1)
+    if SHIPPED:
+        assert cli.main(["generate", "one red circle", "--upscale", "100000", "-o", str(tmp_path / "x.png")]) == 2
+        assert f"is {most}" in capsys.readouterr().err

@@ -109,3 +109,81 @@ def test_start_mean_helper_refuses_a_misspelt_start():
     assert start_mean("data_mean", 32).shape == (3, 1, 1)
     with pytest.raises(ValueError, match="start='data-mean'"):
         start_mean("data-mean", 32)
+
+
+# --- memory: a batch that cannot fit is refused before any work ------------------------------------------
+
+_MEASURE = r"""
+import json, resource, sys, torch
+torch.set_num_threads(1)
+from kandlab.unet import UNet, UNetConfig
+config = UNetConfig(**json.loads(sys.argv[1]))
+unet = UNet(config).eval()
+
+def forward(b):
+    x, t = torch.randn(b, 3, 32, 32), torch.randint(0, 1000, (b,))
+    with torch.no_grad():
+        unet(x, t, torch.randn(b, 16, config.encoder_hid_dim), torch.ones(b, 16, dtype=torch.bool))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak so far (Linux: KiB)
+
+forward(8)
+small, large = forward(32), forward(160)
+print((large - small) / 128)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux only")
+def test_activation_estimate_covers_the_measured_peak_memory_per_image(pipe):
+    """The estimate behind the image cap, against the growth of peak RSS from a forward of 32 images to one of
+    160, in a fresh process: it must cover the measurement without overstating it threefold."""
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+
+    from kandlab.pipeline import activation_bytes
+
+    config = pipe.model.unet.config
+    run = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(dataclasses.asdict(config))],
+                         capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
+                                                                           "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    measured = float(run.stdout.split()[-1])  # bytes per image
+    estimate = activation_bytes(config, 32)
+    assert measured <= estimate <= 3 * measured, (measured, estimate)
+
+
+def test_too_many_images_are_refused_before_sampling_with_the_largest_that_fits(pipe, monkeypatch):
+    import time
+
+    from kandlab import pipeline
+    from kandlab.pipeline import max_images, sampling_bytes_per_image
+
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 8 * 2 ** 30)
+    config = pipe.model.unet.config
+    most = max_images(config, 32)
+    assert most == int(0.8 * 8 * 2 ** 30 // sampling_bytes_per_image(config, 32)) and most > 100
+    began = time.perf_counter()
+    with pytest.raises(ValueError, match=f"at most {most} images fit"):
+        pipe(["one red circle", "two blue squares"], images_per_prompt=50_000, progress=False)
+    assert time.perf_counter() - began < 0.5  # refused, not sampled
+    with pytest.raises(ValueError, match=f"at most {most} images"):  # prompts × images_per_prompt is what counts
+        pipe(["one red circle", "two blue squares"], images_per_prompt=most // 2 + 1, steps=1, progress=False)
+    # what counts: no guidance runs one branch, a returned trajectory keeps every step
+    assert max_images(config, 32, guidance=1.0) > most > max_images(config, 32, steps=200, return_trajectory=True)
+    assert pipe("one red circle", images_per_prompt=2, steps=1, progress=False).shape == (2, 3, 32, 32)
+
+
+def test_unknown_available_memory_refuses_nothing(pipe, monkeypatch):
+    from kandlab import pipeline
+
+    monkeypatch.setattr(pipeline, "available_memory", lambda: None)
+    assert pipeline.max_images(pipe.model.unet.config, 32) is None
+    pipeline.check_memory(10 ** 9, pipe.model.unet.config, 32)  # nothing to compare with: the OS decides
+
+
+def test_available_memory_is_read_from_the_system():
+    from kandlab.pipeline import available_memory
+
+    mem = available_memory()
+    assert mem is None or 2 ** 20 < mem < 2 ** 50
