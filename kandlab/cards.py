@@ -419,6 +419,16 @@ def model_card(card: dict, cards: dict[str, dict] | None = None) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def keep_prose(new: dict, old: dict | None) -> dict:
+    """``new`` (a card that training just wrote) with the prose fields of the card it replaces.
+
+    `kandlab.train.export` writes the measured fields only; call this on the old card's contents
+    before overwriting it, so that a retrained model keeps its summary, history and failure modes
+    (then check them against the new numbers: the placeholders already read the new fields).
+    """
+    return {**new, **{k: old[k] for k in PROSE_FIELDS if old and k in old and k not in new}}
+
+
 # ---------------------------------------------------------------------------
 # Files
 

@@ -91,3 +91,11 @@ def test_check_flags_a_stale_card_and_write_cards_fixes_it(tmp_path, monkeypatch
     card["summary"] = "changed"
     (tmp_path / "pixel_uncond.json").write_text(json.dumps(card))
     assert [p.name for p in cards.stale_cards(tmp_path)] == ["pixel_uncond.md"]
+
+
+def test_keep_prose_carries_the_prose_of_the_card_a_retrained_model_replaces():
+    old = {"name": "m", "steps": 10, "summary": "what it is", "history": [{"experiment": "e", "what": "w"}]}
+    new = {"name": "m", "steps": 20}
+    kept = cards.keep_prose(new, old)
+    assert kept["steps"] == 20 and kept["summary"] == "what it is" and kept["history"] == old["history"]
+    assert cards.keep_prose(new, None) == new
