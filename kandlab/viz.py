@@ -174,7 +174,7 @@ def pipeline_diagram() -> plt.Figure:
         (0.1, "prompt", '"two red circles\nabove a blue square"', "#eeeeee"),
         (2.2, "text encoder", "Flan-UL2 encoder (T5)\n8.6 B · 128 tokens × 4096\nlesson 04", "#cfe2f3"),
         (4.6, "UNet over latents", "3.0 B · 4 × 128 × 128\n25 denoising steps + CFG\nlessons 01–06, 09", "#f4cccc"),
-        (7.0, "MoVQ decoder", "≈ 267 M · latents → pixels\n× 8 upsampling\nlesson 07", "#d9ead3"),
+        (7.0, "MoVQ decoder", "≈ 267 M parameters\nlatents → pixels (× 8)\nlesson 07", "#d9ead3"),
         (9.2, "image", "1024 × 1024 RGB", "#eeeeee"),
     ]
     width = {0.1: 1.7, 2.2: 2.0, 4.6: 2.0, 7.0: 1.8, 9.2: 1.6}
