@@ -84,6 +84,35 @@ def null_context(batch: int, length: int, width: int) -> tuple[torch.Tensor, tor
     return torch.zeros(batch, length, width), torch.zeros(batch, length, dtype=torch.bool)
 
 
+@torch.no_grad()
+def guided_ddim_step(unet: nn.Module, x_t: torch.Tensor, t: int, t_prev: int, text: torch.Tensor,
+                     mask: torch.Tensor, scale: float, alpha_bar: torch.Tensor) -> torch.Tensor:
+    r"""One deterministic DDIM step (η = 0) with classifier-free guidance, written out (lesson 05).
+
+    Both branches go through ``unet`` in one forward of batch 2B, the empty context first; then
+    :math:`\hat\varepsilon = \varepsilon_u + s(\varepsilon_c - \varepsilon_u)`,
+    :math:`\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\hat\varepsilon)/\sqrt{\bar\alpha_t}` and
+    :math:`x_{t'} = \sqrt{\bar\alpha_{t'}}\,\hat x_0 + \sqrt{1-\bar\alpha_{t'}}\,\hat\varepsilon`
+    (Song et al. 2021, eq. 12 with σ = 0; ᾱ = 1 for ``t_prev = -1``, the clean image). No threshold.
+    ``Pipeline`` takes the same step through `Pipeline.eps_fn` and `GaussianDiffusion.ddim_step`.
+
+    x_t: (B, C, H, W); text (B, L, D), mask (B, L); alpha_bar: (T,). Returns x_{t'}: (B, C, H, W).
+    """
+    if not t > t_prev >= -1:
+        raise ValueError(f"need t > t_prev >= -1 (the reverse process goes towards t = -1, clean), "
+                         f"got t={t}, t_prev={t_prev}")
+    B, L, D = text.shape
+    null_text, null_mask = null_context(B, L, D)  # (B, L, D), (B, L)
+    t_both = torch.full((2 * B,), t, dtype=torch.long)  # (2B,)
+    eps = unet(torch.cat([x_t, x_t]), t_both, torch.cat([null_text, text]), torch.cat([null_mask, mask]))  # (2B, C, H, W)
+    eps_u, eps_c = eps.chunk(2)  # (B, C, H, W) each
+    eps = cfg_eps(eps_u, eps_c, scale)
+    a_t = alpha_bar[t]
+    a_prev = alpha_bar[t_prev] if t_prev >= 0 else alpha_bar.new_ones(())
+    x0_hat = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    return a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps
+
+
 def check_prompts(prompts: str | Sequence[str], tokenizer: ShapesTokenizer) -> list[str]:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -189,6 +218,8 @@ class Pipeline:
         """
         check_sampling_args(steps, guidance, sampler, images_per_prompt, threshold, start)
         prompts = check_prompts(prompts, self.tokenizer)
+        check_memory(len(prompts) * images_per_prompt, self.model.unet.config, self.image_size, guidance, steps,
+                     return_trajectory)  # a batch is sampled at once: refuse what cannot fit, before any work
         prompts = [p for p in prompts for _ in range(images_per_prompt)]
         text, mask = self._encode_checked(prompts)  # (B, L, D), (B, L); prompts checked above
         negative = None
@@ -218,16 +249,11 @@ def check_sampling_args(steps: int, guidance: float, sampler: str, images_per_pr
         raise ValueError(f"sampler={sampler!r} must be 'ddim' or 'ddpm'")
     if isinstance(images_per_prompt, bool) or not isinstance(images_per_prompt, int) or images_per_prompt < 1:
         raise ValueError(f"images_per_prompt={images_per_prompt!r} must be an int >= 1")
-        check_memory(len(prompts) * images_per_prompt, self.model.unet.config, self.image_size, guidance, steps,
-                     return_trajectory)  # a batch is sampled at once: refuse what cannot fit, before any work
     if threshold not in ("static", "dynamic", "none"):
         raise ValueError(f"threshold={threshold!r} must be 'static', 'dynamic' or 'none'")
     _check_start(start)
 
 
-def config_card(model: TextToImage) -> dict:
-    """The configs a card needs to rebuild ``model``."""
-    return {"unet_config": asdict(model.unet.config), "t5_config": asdict(model.t5.config)}
 # ---------------------------------------------------------------------------
 # Memory: refuse a request that cannot fit before sampling it (a batch is sampled at once)
 
@@ -360,3 +386,6 @@ def check_memory(num_images: int, config: UNetConfig, image_size: int, guidance:
         f"Ask for {most} or fewer, or sample in several calls with different seeds.")
 
 
+def config_card(model: TextToImage) -> dict:
+    """The configs a card needs to rebuild ``model``."""
+    return {"unet_config": asdict(model.unet.config), "t5_config": asdict(model.t5.config)}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kandlab.diffusion import GaussianDiffusion, cfg_eps
-from kandlab.pipeline import Pipeline, TextToImage, check_sampling_args, null_context
+from kandlab.pipeline import Pipeline, TextToImage, check_sampling_args, guided_ddim_step, null_context
 from kandlab.schedules import cosine_betas
 from kandlab.t5 import T5Config
 from kandlab.tokenizer import ShapesTokenizer
@@ -34,6 +34,20 @@ def test_guided_eps_is_one_batched_forward_of_both_branches(pipe):
         atol = 2e-6 * max(1.0, 2 * s - 1)
         assert torch.allclose(pipe.eps_fn(text, mask, s)(x, t), cfg_eps(eps_u, eps_c, s), atol=atol)
     assert not torch.allclose(eps_c, eps_u, atol=1e-3)  # the text matters
+
+
+def test_guided_ddim_step_is_the_pipelines_step(pipe):
+    """Lesson 05's written-out step equals eps_fn + GaussianDiffusion.ddim_step (no threshold)."""
+    text, mask = pipe.encode(["two red circles above a blue square", "one green triangle"])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    alpha_bar = pipe.diffusion.alphas_cumprod
+    for t, t_prev, s in [(500, 480, 4.0), (900, 850, 7.5), (20, -1, 1.0), (300, 0, 0.0)]:
+        with torch.no_grad():
+            eps = pipe.eps_fn(text, mask, s)(x, torch.full((2,), t))
+            want = pipe.diffusion.ddim_step(eps, t, x, t_prev).x_prev
+        assert torch.allclose(guided_ddim_step(pipe.model.unet, x, t, t_prev, text, mask, s, alpha_bar), want, atol=1e-4)
+    with pytest.raises(ValueError, match="t > t_prev"):
+        guided_ddim_step(pipe.model.unet, x, 10, 10, text, mask, 4.0, alpha_bar)
 
 
 def test_condition_dropout_is_the_empty_context(pipe):
