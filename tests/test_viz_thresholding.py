@@ -49,3 +49,29 @@ def test_thresholding_widget_redraws():
     for w in found:
         w.value = w.options[0]
     plt.close("all")
+
+
+def test_lesson_sized_figures_are_readable():
+    """The lesson's grid (5 settings × 4 guidance scales) and run figure: no type under 8 pt, no overlaps."""
+    g = torch.Generator().manual_seed(1)
+    runs = {}
+    for s in (1.0, 4.0, 8.0, 15.0):
+        for m, p in (("none", None), ("static", None), ("dynamic", 0.9), ("dynamic", 0.99), ("dynamic", 0.995)):
+            final = 2 * torch.randn(24, 3, 8, 8, generator=g)
+            runs[(m, p, s)] = {"images": final.clamp(-1, 1), "final": final, "overall": 0.875,
+                               "x0_raw": 5 * torch.randn(3, 24, 3, 8, 8, generator=g)}
+    grid = viz.plot_threshold_grid(runs)
+    assert viz.readability_problems(grid) == []
+    assert grid.axes[0].get_title() == "s=1: 0.88 ± 0.07"  # overall ± √(p(1−p)/n), n = 24 images
+    run = viz.plot_threshold_run(runs[("dynamic", 0.99, 15.0)], "dynamic 0.99, s=15")
+    assert viz.readability_problems(run) == []
+    assert "(n = 24)" in run._suptitle.get_text()
+    plt.close("all")
+
+
+def test_histogram_title_counts_real_overshoot_only():
+    fig, ax = plt.subplots()
+    viz.plot_value_histogram(ax, torch.tensor([[1.05, -1.05, 0.0, 2.9]]), "x")
+    # 1.05 overshoots by a hair: not beyond ±1.1; the mean excess is (0.05 + 0.05 + 1.9) / 4
+    assert ax.get_title().splitlines()[1] == "25.0% beyond ±1.1, mean excess 0.50"
+    plt.close("all")
