@@ -256,7 +256,7 @@ def _stages_section(card: dict, cards: dict | None) -> list[str]:
         done += stage["steps"]
         end = stage.get("score_at_end", card["score"] if k == len(stages) - 1 else None)
         shift = stage.get("relation_shift_at_end", card.get("relation_shift") if k == len(stages) - 1 else None)
-        rows.append([note.get("name", f"stage {k + 1}"), f"+{stage['steps']:,} ({done:,})", _time_steps(full),
+        rows.append([note.get("name") or stage.get("stage") or f"stage {k + 1}", f"+{stage['steps']:,} ({done:,})", _time_steps(full),
                      _lr(full) if "lr" in full else "—",
                      f"{full['p_relation']:.0%}" if "p_relation" in full else "—",
                      f"{_minutes(stage['wall_time_seconds'])} ({stage['steps_per_second']:.2f} steps/s, "

@@ -99,3 +99,18 @@ def test_keep_prose_carries_the_prose_of_the_card_a_retrained_model_replaces():
     kept = cards.keep_prose(new, old)
     assert kept["steps"] == 20 and kept["summary"] == "what it is" and kept["history"] == old["history"]
     assert cards.keep_prose(new, None) == new
+
+
+def test_a_staged_card_without_notes_names_its_stages_from_their_records():
+    hw = {"cpu_count": 2, "machine": "x86_64", "torch": "2.13.0+cpu", "threads": 1}
+    score = {"shapesbench_overall": 0.5, "shapesbench_count": 0.5, "shapesbench_position": 0.5, "prompts": 8,
+             "sampler": "DDIM 50 steps"}
+    stage = {"steps": 2, "wall_time_seconds": 6.0, "steps_per_second": 0.33, "hardware": hw, "lr": 8e-4}
+    card = {"name": "micro", "description": "d", "recipe": {"name": "micro"}, "parameters": 1, "steps": 4,
+            "wall_time_seconds": 12.0, "steps_per_second": 0.33, "hardware": hw, "score": score,
+            "stages": [{**stage, "stage": "base", "score_at_end": score},
+                       {**stage, "stage": "more", "lr_decay": "cosine", "continued_from": "base's EMA weights"}],
+            "rebuild": "kandlab train micro", "sha256": "0" * 64}
+    text = cards.model_card(card)
+    assert "| base | +2 (2) |" in text and "| more | +2 (4) |" in text and "8e-04 → 0 (cosine)" in text
+    assert "4 steps in 2 stages" in text
