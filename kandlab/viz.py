@@ -413,8 +413,9 @@ def plot_parameter_breakdown(tables: dict[str, dict[str, dict[str, int]]]) -> pl
         ax.set_xlim(0, left.max() * 1.08)
         ax.set_xlabel("% of all parameters")
         ax.set_title(f"{title}: {total:,} parameters", fontsize=10)
-    axes[0, 0].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=9, loc="lower center", ncol=len(kinds), frameon=False)  # below, clear of the bars
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
 
 

@@ -93,3 +93,15 @@ def test_cross_attention_figure_has_a_colour_bar_and_readable_type():
     assert any(ax.get_label() == "<colorbar>" for ax in fig.axes)
     assert viz.readability_problems(fig) == []
     plt.close(fig)
+
+
+def test_parameter_breakdown_figure_keeps_its_legend_clear_of_the_bars():
+    from kandlab.unet import UNet, UNetConfig
+
+    model = UNet(UNetConfig.tiny_pixel())
+    table = viz.parameter_breakdown(model)
+    assert sum(sum(row.values()) for row in table.values()) == sum(p.numel() for p in model.parameters())
+    fig = viz.plot_parameter_breakdown({"tiny": table, "again": table})
+    assert fig.legends and not any(ax.get_legend() for ax in fig.axes)  # one legend below the panels, none on a bar
+    assert viz.readability_problems(fig) == []
+    plt.close(fig)
