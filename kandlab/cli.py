@@ -141,16 +141,36 @@ def train_command(args: argparse.Namespace) -> int:
     if args.recipe not in train.RECIPES:
         print(f"unknown recipe {args.recipe!r}; choose one of: {', '.join(train.RECIPES)}", file=sys.stderr)
         return 2
-    recipe = train.RECIPES[args.recipe]()
-    if args.steps is not None:
-        if args.steps < 1:
-            print("--steps must be at least 1", file=sys.stderr)
-            return 2
-        recipe.steps = args.steps
-    continues = args.continue_shipped or args.recipe in train.CONTINUATIONS
-    run_dir = Path(args.run_dir) / args.recipe if args.recipe in train.CONTINUATIONS else args.run_dir  # not stage 1's state
+    if args.steps is not None and args.steps < 1:
+        print("--steps must be at least 1", file=sys.stderr)
+        return 2
+    staged = train.STAGES.get(args.recipe)
+    if staged and args.steps is not None and not args.continue_shipped:
+        plan = ", ".join(f"{name} to {make().steps}" for name, make in staged)
+        print(f"kandlab train {args.recipe} rebuilds all {len(staged)} stages ({plan} steps) and takes no --steps; "
+              f"to extend the shipped model, continue it: kandlab train {args.recipe} --steps N --continue-shipped "
+              f"(with its last stage's recipe), or name a stage: "
+              f"{', '.join(f'{args.recipe}-{name}' for name, _ in staged[1:])}", file=sys.stderr)
+        return 2
     try:
-        ema, log = train.train(recipe, run_dir=run_dir, resume=not args.restart, from_shipped=continues)
+        if staged and not args.continue_shipped:  # the whole rebuild, stage by stage, resumable
+            recipe, ema, log = train.rebuild(args.recipe, run_dir=args.run_dir, resume=not args.restart,
+                                             export_to=None if args.export else False)
+            if args.export:
+                print(f"wrote data/{recipe.name}.safetensors ({log['step']} steps)")
+            return 0
+        name, stage = args.recipe, None
+        if staged:  # --continue-shipped: the shipped model extended with its last stage's recipe
+            stage = staged[-1][0]
+            name = f"{args.recipe}-{stage}"
+        stage = stage or next((n for model, stages in train.STAGES.items() for n, _ in stages
+                               if f"{model}-{n}" == args.recipe), None)  # a named stage, e.g. layout
+        recipe = train.RECIPES[name]()
+        if args.steps is not None:
+            recipe.steps = args.steps
+        continues = args.continue_shipped or name in train.CONTINUATIONS
+        run_dir = Path(args.run_dir) / name if name in train.CONTINUATIONS else args.run_dir  # not stage 1's state
+        ema, log = train.train(recipe, run_dir=run_dir, resume=not args.restart, from_shipped=continues, stage=stage)
     except (train.CannotContinue, FileNotFoundError) as err:  # --continue-shipped: nothing (usable) to continue
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -294,16 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="pixel_text", help="shipped model in data/ (default pixel_text)")
     p.set_defaults(func=generate_command)
     p = sub.add_parser("train", help="rebuild a shipped tiny model from its recipe")
-    p.add_argument("recipe", help="recipe name: pixel-uncond, pixel-text, then pixel-text-layout, pixel-text-anneal and "
-                                  "pixel-text-decay (pixel-text's later stages: each continues data/pixel_text.safetensors, "
-                                  "state in runs/<recipe>/)")
+    p.add_argument("recipe", help="pixel-uncond, or pixel-text (all its stages: base, layout, anneal, decay; "
+                                  "resumable, state in runs/ per stage), or one later stage of pixel-text on its own: "
+                                  "pixel-text-layout, pixel-text-anneal, pixel-text-decay (each continues "
+                                  "data/pixel_text.safetensors, state in runs/<recipe>/)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     p.add_argument("--run-dir", default="runs", help="where state, logs and sample grids go (default: runs/)")
     p.add_argument("--restart", action="store_true", help="ignore a saved state and start from scratch")
     p.add_argument("--no-export", dest="export", action="store_false", help="do not write data/<name>.*")
     p.add_argument("--continue-shipped", action="store_true",
                    help="with no saved state, start from data/<name>.safetensors (same recipe, fewer steps) "
-                        "instead of step 0; use with --steps to extend a shipped model")
+                        "instead of step 0; use with --steps to extend a shipped model (a staged one, pixel-text, "
+                        "with its last stage's recipe)")
     p.set_defaults(func=train_command)
     return parser
 

@@ -9,13 +9,19 @@ steps, and a resumable state file. ``export`` writes the EMA weights to
 Every shipped checkpoint is rebuilt by one command::
 
     kandlab train pixel-uncond        # lesson 02's unconditional 32×32 model
-    kandlab train pixel-text          # lessons 04-06's text-to-image model, stage 1;
-    kandlab train pixel-text-layout   # then its layout stage
-    kandlab train pixel-text-anneal   # then its anneal stage
-    kandlab train pixel-text-decay    # and its decay stage (each continues data/pixel_text)
+    kandlab train pixel-text          # lessons 04-06's text-to-image model: its T5 pretraining and its
+                                      # four stages (base, layout, anneal, decay; `STAGES`, `rebuild`)
+
+A staged rebuild keeps each stage's state in its own folder (``runs/pixel_text/`` for the first stage,
+``runs/pixel-text-<stage>/pixel_text/`` for the later ones, each with the stage's scores in
+``stage_card.json`` once it is done), so the same command resumes it wherever it stopped; each stage
+starts from the previous stage's EMA weights with a fresh AdamW, and only the last writes ``data/``.
+The later stages can also run on their own, each continuing the shipped ``data/pixel_text``
+(``kandlab train pixel-text-layout``, ``-anneal``, ``-decay``; `CONTINUATIONS`).
 
 A shipped run whose state file is gone is extended from its weights with
-``kandlab train pixel-text --steps N --continue-shipped`` (`continue_shipped`).
+``kandlab train pixel-uncond --steps N --continue-shipped`` (`continue_shipped`); for a staged model
+(``kandlab train pixel-text --steps N --continue-shipped``) with its last stage's recipe.
 
 The recipe fixes every number (model config, steps, batch, learning rate,
 seeds), so the same command on the same torch build rebuilds the same file up to
@@ -123,9 +129,9 @@ def pixel_uncond() -> Recipe:
 
 
 def pixel_text() -> Recipe:
-    """Lesson 04-06, stage 1: a text-conditioned Kandinsky 3 UNet + tiny T5 over 32×32 shapes.
+    """Lesson 04-06, stage 1 (``base``): a text-conditioned Kandinsky 3 UNet + tiny T5 over 32×32 shapes.
     The shipped checkpoint adds a layout stage (`pixel_text_layout`), an anneal stage (`pixel_text_anneal`) and a
-    decay stage (`pixel_text_decay`).
+    decay stage (`pixel_text_decay`); ``kandlab train pixel-text`` runs all four (`STAGES`, `rebuild`).
 
     Four levels, attention on all but the first, so the UNet exports to diffusers'
     ``Kandinsky3UNet``. The T5 follows Imagen's recipe: pretrained on the training captions
@@ -176,7 +182,7 @@ def pixel_text_anneal() -> Recipe:
     (median 0.92·T), where the number of objects is decided (lesson 04).
 
     After the layout stage the model drew one object too many in a quarter of its groups. Measured on the first
-    128 fixed prompts (DDIM 25, `scripts/layout_probe.py`), 1,000 steps from the layout stage's weights: this
+    128 fixed prompts (DDIM 25, `experiments/layout_probe.py`), 1,000 steps from the layout stage's weights: this
     stage 0.70 overall (count 0.73); the same steps at the old rate 8e-4 0.58 (count 0.63); the layout stage
     itself 0.57 (count 0.60). A constant rate keeps the weights bouncing around a minimum, and the EMA (0.999)
     averages only the last ~1,000 steps of that: lowering the rate at the end ("annealing") lets them settle.
@@ -193,7 +199,7 @@ def pixel_text_decay() -> Recipe:
 
     The anneal stage showed that the rate, not the time steps, was what the counts needed; a decay to zero is
     where that road ends, and how nearly every large run finishes. Measured on the first 128 fixed prompts
-    (DDIM 25, `scripts/layout_probe.py`) after 1,750 steps on one core each (`scripts/count_experiments.py`):
+    (DDIM 25, `experiments/layout_probe.py`) after 1,750 steps on one core each (`experiments/count_experiments.py`):
     this stage 0.81 overall (count 0.83), the same decay at the anneal stage's u ~ N(2.5, 1) 0.80 (count 0.80),
     the anneal stage itself 0.73 (count 0.74). ``kandlab train pixel-text-decay`` continues
     ``data/pixel_text.safetensors``; its state goes to ``runs/pixel-text-decay/``.
@@ -204,6 +210,10 @@ def pixel_text_decay() -> Recipe:
 RECIPES = {"pixel-uncond": pixel_uncond, "pixel-text": pixel_text, "pixel-text-layout": pixel_text_layout,
            "pixel-text-anneal": pixel_text_anneal, "pixel-text-decay": pixel_text_decay}
 CONTINUATIONS = ("pixel-text-layout", "pixel-text-anneal", "pixel-text-decay")  # recipes that continue the shipped checkpoint of their name
+# The shipped models trained in stages, each stage (name, recipe) in order: ``kandlab train <model>`` runs them all
+# (`rebuild`). Stage k > 0 continues stage k - 1's EMA weights; its state goes to runs/<model>-<stage name>/.
+STAGES = {"pixel-text": (("base", pixel_text), ("layout", pixel_text_layout), ("anneal", pixel_text_anneal),
+                         ("decay", pixel_text_decay))}
 
 
 # ---------------------------------------------------------------------------
@@ -298,15 +308,25 @@ def continue_shipped(recipe: Recipe, model: UNet | TextToImage, ema: UNet | Text
     other cores, change its learning rate, weight its loss, draw its time steps or mix its
     captions differently, and reword the description; the card records each stage's numbers).
     """
-    card = weights.load_card(f"{recipe.name}.safetensors")
+    return continue_from(recipe, model, ema, weights.load_card(f"{recipe.name}.safetensors"),
+                         lambda: weights.load_tiny_state_dict(f"{recipe.name}.safetensors"),
+                         source=f"data/{recipe.name}.safetensors",
+                         how="the shipped EMA weights at step {steps}, fresh AdamW (kandlab train --continue-shipped)")
+
+
+def continue_from(recipe: Recipe, model: UNet | TextToImage, ema: UNet | TextToImage, card: dict, load_state,
+                  source: str, how: str) -> dict:
+    """`continue_shipped` for any checkpoint: ``card`` (as `export` or `stage_card` writes it) and
+    ``load_state()``, its EMA state dict. ``source`` names it in errors; ``how`` is the new stage's
+    ``continued_from`` on the card, with ``{steps}`` for the step it continues."""
     differ = recipe_differences(recipe, card)
     if differ:
-        raise CannotContinue(f"data/{recipe.name}.safetensors was not trained with this recipe (differs in: "
-                         f"{', '.join(differ)}); train from scratch instead (drop --continue-shipped)")
+        raise CannotContinue(f"{source} was not trained with this recipe (differs in: "
+                             f"{', '.join(differ)}); train from scratch instead (drop --continue-shipped)")
     if card["steps"] >= recipe.steps:
-        raise CannotContinue(f"data/{recipe.name}.safetensors already has {card['steps']} steps; "
-                         f"ask for more with --steps (got {recipe.steps})")
-    state = weights.load_tiny_state_dict(f"{recipe.name}.safetensors")
+        raise CannotContinue(f"{source} already has {card['steps']} steps; "
+                             f"ask for more with --steps (got {recipe.steps})")
+    state = load_state()
     model.load_state_dict(state)
     ema.load_state_dict(state)
     stages = card.get("stages") or [{k: card[k] for k in ("steps", "wall_time_seconds", "steps_per_second", "hardware")}
@@ -317,7 +337,7 @@ def continue_shipped(recipe: Recipe, model: UNet | TextToImage, ema: UNet | Text
     stages[-1] = {**{k: recipe_fields[k] for k in STAGE_FIELDS}, **stages[-1],
                   **{f"{k}_at_end": card[k] for k in ("score", "relation_shift") if k in card}}
     earlier = {k: card[k] for k in ("steps", "wall_time_seconds", "loss_curve_every_25_steps")} | {
-        "stages": stages, "rebuild": card.get("rebuild")}
+        "stages": stages, "rebuild": card.get("rebuild"), "continued_from": how.format(steps=card["steps"])}
     log = {"step": card["steps"], "seconds": 0.0, "losses": [], "earlier": earlier}
     if "text_pretrain" in card:  # the frozen T5's stage stays on the new card
         log["text_pretrain"] = card["text_pretrain"]
@@ -390,11 +410,14 @@ def save_grid(images: torch.Tensor, path: Path, title: str = "") -> None:
 
 
 def train(recipe: Recipe, run_dir: Path | str = "runs", steps: int | None = None, resume: bool = True,
-          progress: bool = True, from_shipped: bool = False) -> tuple[UNet, dict]:
+          progress: bool = True, from_shipped: bool = False, from_stage: Path | str | None = None,
+          stage: str | None = None) -> tuple[UNet, dict]:
     """Train ``recipe`` (resuming from ``run_dir/<name>/state.pt``); return the EMA model and a log.
 
     ``from_shipped``: with no state file to resume, continue the shipped checkpoint
-    (see `continue_shipped`) instead of starting at step 0.
+    (see `continue_shipped`) instead of starting at step 0. ``from_stage``: continue instead the
+    finished stage in that folder (its ``state.pt`` and ``stage_card.json``, see `rebuild`).
+    ``stage``: the stage's name, recorded in the log and on the card.
     """
     torch.set_num_threads(recipe.threads)
     steps = recipe.steps if steps is None else steps
@@ -417,9 +440,15 @@ def train(recipe: Recipe, run_dir: Path | str = "runs", steps: int | None = None
         log = state["log"]
         torch.set_rng_state(state["rng"])
         print(f"resuming {recipe.name} at step {log['step']}")
+    elif from_stage is not None:
+        log = continue_stage(recipe, model, ema, Path(from_stage))
+        print(f"continuing {recipe.name} from the EMA weights of stage {log['earlier']['stages'][-1].get('stage')} "
+              f"at step {log['step']}")
     elif from_shipped:
         log = continue_shipped(recipe, model, ema)
         print(f"continuing the shipped {recipe.name} from step {log['step']}")
+    if stage is not None and log["step"] == log.get("earlier", {}).get("steps", 0):  # a fresh stage: name it
+        log["stage"] = stage
     since = log["earlier"]["steps"] if "earlier" in log else 0
     if recipe.frozen_text and log["step"] == 0:
         log["text_pretrain"] = pretrain_text(recipe, model, progress)
@@ -518,7 +547,8 @@ def _run_facts(recipe: Recipe, log: dict) -> dict:
     earlier = log.get("earlier")
     new_steps = log["step"] - (earlier["steps"] if earlier else 0)
     curve = [round(sum(chunk) / len(chunk), 4) for chunk in (log["losses"][i:i + 25] for i in range(0, len(log["losses"]), 25))]
-    stage = {"steps": new_steps, "wall_time_seconds": round(log["seconds"], 1),
+    stage = {**({"stage": log["stage"]} if "stage" in log else {}),
+             "steps": new_steps, "wall_time_seconds": round(log["seconds"], 1),
              "steps_per_second": round(new_steps / log["seconds"], 3), **{k: getattr(recipe, k) for k in STAGE_FIELDS},
              "hardware": {"cpu_count": os.cpu_count(), "machine": platform.machine(),
                           "torch": torch.__version__, "threads": recipe.threads}}
@@ -532,13 +562,15 @@ def _run_facts(recipe: Recipe, log: dict) -> dict:
     }
     if "text_pretrain" in log:
         facts["text_pretrain"] = log["text_pretrain"]  # the T5's stage before the UNet's (frozen after it)
+    if not earlier and "stage" in log:  # the first of named stages (`rebuild`): the card lists it as one
+        facts["stages"] = [stage]
     if earlier:
         facts["wall_time_seconds"] = round(earlier["wall_time_seconds"] + stage["wall_time_seconds"], 1)
         facts["steps_per_second"] = round(log["step"] / facts["wall_time_seconds"], 3)
         facts["loss_curve_every_25_steps"] = earlier["loss_curve_every_25_steps"] + curve
-        facts["stages"] = earlier["stages"] + [
-            {**stage, "continued_from": f"the shipped EMA weights at step {earlier['steps']}, fresh AdamW "
-                                        "(kandlab train --continue-shipped)"}]
+        facts["stages"] = earlier["stages"] + [{**stage, "continued_from": earlier.get(
+            "continued_from", f"the shipped EMA weights at step {earlier['steps']}, fresh AdamW "
+                              "(kandlab train --continue-shipped)")}]
     return facts
 
 
@@ -588,6 +620,75 @@ def _rebuild(recipe: Recipe, log: dict, command: str | None) -> str:
     earlier = log.get("earlier")
     command = command or f"kandlab train {recipe.name.replace('_', '-')}" + (" --continue-shipped" if earlier else "")
     return f"{earlier['rebuild']}, then {command}" if earlier and earlier.get("rebuild") else command
+
+
+# ---------------------------------------------------------------------------
+# Staged rebuilds: one command, several stages, each resumable
+
+
+STAGE_CARD = "stage_card.json"  # beside a finished stage's state.pt: what the next stage continues
+
+
+def stage_card(recipe: Recipe, ema: UNet | TextToImage, log: dict) -> dict:
+    """What a finished stage hands to the next (`continue_from`): the card `export` would write, with the
+    scores the stage ended at (ShapesBench from N(0, I) and, for a text model, the relation shift), but no
+    file in ``data/``, no data-mean score and no sample grid."""
+    torch.set_num_threads(os.cpu_count() or 1)  # the stage's training is over: scoring may have every core
+    diffusion = GaussianDiffusion(recipe.betas())
+    score, _ = score_model(recipe, ema, diffusion, recipe.n_score, start="noise")
+    return {"name": recipe.name, **recipe_card(recipe), **_run_facts(recipe, log), "score": score,
+            **({"relation_shift": score_relations(recipe, ema, diffusion, min(recipe.n_score, 128))}
+               if recipe.text is not None else {}),
+            "rebuild": None}  # the staged command rebuilds it, not a chain of commands
+
+
+def continue_stage(recipe: Recipe, model: UNet | TextToImage, ema: UNet | TextToImage, folder: Path) -> dict:
+    """Start ``recipe`` from the finished stage in ``folder`` (its ``state.pt``'s EMA weights and its
+    `STAGE_CARD`), as `continue_shipped` starts from data/: a fresh AdamW, the earlier stages on the log."""
+    card = json.loads((folder / STAGE_CARD).read_text())
+    name = card["stages"][-1].get("stage", "?")
+    return continue_from(recipe, model, ema, card, lambda: torch.load(folder / "state.pt", weights_only=False)["ema"],
+                         source=f"stage {name} in {folder}",
+                         how=f"the EMA weights of stage {name} at step {{steps}}, fresh AdamW")
+
+
+def stage_dirs(model: str, stages, run_dir: Path | str = "runs") -> list[Path]:
+    """Where each stage of a staged rebuild keeps its state: ``run_dir`` for the first stage (as a one-stage
+    recipe), ``run_dir/<model>-<stage>`` for the later ones (as the named stages, `CONTINUATIONS`)."""
+    return [Path(run_dir) if k == 0 else Path(run_dir) / f"{model}-{name}" for k, (name, _) in enumerate(stages)]
+
+
+def rebuild(model: str, stages=None, run_dir: Path | str = "runs", resume: bool = True, progress: bool = True,
+            export_to: Path | None | Literal[False] = None, command: str | None = None) -> tuple[Recipe, UNet, dict]:
+    """Rebuild a staged model: train ``stages`` ((name, recipe or recipe function), ..., default
+    ``STAGES[model]``) in order, each starting from the previous one's EMA weights (`continue_stage`), then
+    `export` the last (to ``export_to``, default data/; ``False``: no export). Returns the last stage's
+    recipe, EMA model and log.
+
+    Resumable at any point: a stage whose `STAGE_CARD` exists is done and skipped; a stage with a state file
+    resumes it (mid-stage, or at its last step when only its scoring was left); ``resume=False`` retrains
+    every stage from the beginning. The card lists every stage (``stages``, each with its ``stage`` name and
+    the scores it ended at) and says ``rebuild: kandlab train <model>``.
+    """
+    stages = [(name, make() if callable(make) else make) for name, make in (stages or STAGES[model])]
+    dirs = stage_dirs(model, stages, run_dir)
+    previous = None
+    for k, ((name, recipe), folder) in enumerate(zip(stages, dirs)):
+        done = folder / recipe.name / STAGE_CARD
+        last = k == len(stages) - 1
+        if resume and done.exists() and not last:
+            print(f"stage {name} of {model}: done ({done})")
+        else:
+            done.unlink(missing_ok=True)  # a retrained stage's old scores are not its
+            ema, log = train(recipe, run_dir=folder, resume=resume, progress=progress, from_stage=previous,
+                             stage=name)
+            if last:
+                if export_to is not False:
+                    export(recipe, ema, log, out_dir=export_to, command=command or f"kandlab train {model}")
+                return recipe, ema, log
+            done.write_text(json.dumps(stage_card(recipe, ema, log), indent=2) + "\n")
+        previous = folder / recipe.name
+    raise ValueError(f"{model} has no stages")
 
 
 def load_tiny_unet(name: str) -> UNet:

@@ -6,7 +6,7 @@ with both starts (N(0, I) and around the data mean), and append one JSON line.
     python scripts/score_progress.py shipped                     # data/pixel_text.safetensors
 
 Run it on the core the training does not use (one thread, ~2.5 min per start for
-128 prompts). The README's learning curve of pixel_text comes from this script.
+128 prompts). The learning curve of pixel_text in its model card (data/pixel_text.md) comes from this script.
 
 It also measures whether the model reads the relation word at all
 (``relation_shift``, `kandlab.train.score_relations`): each two-group prompt is drawn

@@ -316,3 +316,146 @@ def test_the_jointly_trained_t5_kept_for_lesson_04_loads_and_keeps_its_models_nu
     assert source["score"]["prompts"] >= 500 and source["relation_shift"]["model"]["pairs"] > 50
     with pytest.raises(ValueError, match="Pipeline.from_tiny"):
         train.load_tiny_t5("pixel_text")
+
+
+# --- staged rebuilds: one command, every stage, resumable -------------------------------------------------
+
+def _micro_stages(**first):
+    """Three micro stages: ``base`` (2 steps), ``still`` (lr 0: hands its start on unchanged, 1 step) and
+    ``more`` (2 steps at another rate with Min-SNR)."""
+    first = {"n_score": 2, "grid_steps": 2, **first}  # scoring each stage's end is most of the time
+    return [("base", _micro_recipe(**first)), ("still", _micro_recipe(steps=3, lr=0.0, **first)),
+            ("more", _micro_recipe(steps=5, lr=5e-4, min_snr_gamma=5.0, **first))]
+
+
+def _ema(folder):
+    return torch.load(folder / "state.pt", weights_only=False)["ema"]
+
+
+def test_a_staged_rebuild_runs_its_stages_in_order_and_exports_one_card(tmp_path, monkeypatch):
+    out = tmp_path / "data"
+    monkeypatch.setenv("KANDLAB_DATA", str(out))
+    runs = tmp_path / "runs"
+    recipe, ema, log = train.rebuild("micro", _micro_stages(), run_dir=runs, progress=False, export_to=out)
+    dirs = train.stage_dirs("micro", _micro_stages(), runs)
+    assert dirs == [runs, runs / "micro-still", runs / "micro-more"]
+    assert [(d / "micro" / train.STAGE_CARD).exists() for d in dirs] == [True, True, False]  # the last one exports
+    # each stage starts from the previous one's EMA weights: at lr 0 the second stage keeps them exactly
+    base, still, more = (_ema(d / "micro") for d in dirs)
+    assert all(torch.equal(base[k], still[k]) for k in base)
+    assert not all(torch.equal(still[k], more[k]) for k in still)
+    assert all(torch.equal(more[k], v) for k, v in ema.state_dict().items())
+
+    assert sorted(p.name for p in out.iterdir()) == ["MANIFEST.sha256", "micro.json", "micro.png", "micro.safetensors"]
+    card = json.loads((out / "micro.json").read_text())
+    assert card["rebuild"] == "kandlab train micro" and card["steps"] == 5 == log["step"]
+    assert [(s["stage"], s["steps"]) for s in card["stages"]] == [("base", 2), ("still", 1), ("more", 2)]
+    assert [s["lr"] for s in card["stages"]] == [8e-4, 0.0, 5e-4] and card["recipe"]["lr"] == 5e-4
+    assert card["stages"][1]["continued_from"] == "the EMA weights of stage base at step 2, fresh AdamW"
+    assert card["stages"][0]["score_at_end"]["samples"] == 2 and "score_at_end" not in card["stages"][2]
+    assert len(card["loss_curve_every_25_steps"]) == 3  # one chunk per stage
+    assert card["wall_time_seconds"] == pytest.approx(sum(s["wall_time_seconds"] for s in card["stages"]), abs=0.11)
+    for key in ("score", "score_data_mean_start", "sha256", "unet_config", "parameters", "hardware"):
+        assert key in card
+    assert weights.verify("micro.safetensors", out) == "ok"
+
+
+@pytest.mark.parametrize("interrupt_at", [3, 5], ids=["at-a-stage-boundary", "mid-stage"])
+def test_a_staged_rebuild_resumes_where_it_was_interrupted(tmp_path, monkeypatch, capsys, interrupt_at):
+    """Stopped at the second stage's only step (its state not yet saved: it continues the first stage again) or
+    at the third stage's second step (its first saved: it resumes there); finished stages are neither retrained
+    nor rescored."""
+    runs = tmp_path / "runs"
+    calls = {"n": 0}
+    real_update = train.ema_update
+
+    def stop(*args, **kwargs):  # one call per training step: 2 of base, 1 of still, 2 of more
+        calls["n"] += 1
+        if calls["n"] == interrupt_at:
+            raise KeyboardInterrupt
+        real_update(*args, **kwargs)
+
+    monkeypatch.setattr(train, "ema_update", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.rebuild("micro", _micro_stages(), run_dir=runs, progress=False, export_to=False)
+    monkeypatch.setattr(train, "ema_update", real_update)
+    first_card = (runs / "micro" / train.STAGE_CARD).read_text()
+    assert (runs / "micro-still" / "micro" / "state.pt").exists() == (interrupt_at == 5)
+    assert (runs / "micro-more" / "micro" / "state.pt").exists() == (interrupt_at == 5)
+    capsys.readouterr()
+    scored = []
+    monkeypatch.setattr(train, "stage_card", lambda *a, real=train.stage_card: scored.append(a[0].steps) or real(*a))
+    recipe, ema, log = train.rebuild("micro", _micro_stages(), run_dir=runs, progress=False, export_to=False)
+    said = capsys.readouterr().out
+    assert "stage base of micro: done" in said and (runs / "micro" / train.STAGE_CARD).read_text() == first_card
+    if interrupt_at == 3:  # the second stage starts again from the first one's weights, and is scored
+        assert "continuing micro from the EMA weights of stage base at step 2" in said and scored == [3]
+    else:  # the third stage resumes its own state
+        assert "stage still of micro: done" in said and "resuming micro at step 4" in said and scored == []
+    assert log["step"] == 5 and [s["stage"] for s in log["earlier"]["stages"]] == ["base", "still"]
+    assert log["earlier"]["stages"][-1]["steps"] == 1 and len(log["losses"]) == 2 and log["stage"] == "more"
+
+
+def test_a_staged_rebuild_interrupted_while_scoring_a_stage_scores_it_on_resume(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    real = train.stage_card
+
+    def stop(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "stage_card", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.rebuild("micro", _micro_stages(), run_dir=runs, progress=False, export_to=False)
+    assert not (runs / "micro" / train.STAGE_CARD).exists()
+    monkeypatch.setattr(train, "stage_card", real)
+    monkeypatch.setattr(train, "render_training_set", lambda r, real=train.render_training_set: (
+        pytest.fail("stage 1 was rendered again") if r.steps == 2 else real(r)))
+    _, _, log = train.rebuild("micro", _micro_stages(), run_dir=runs, progress=False, export_to=False)
+    assert (runs / "micro" / train.STAGE_CARD).exists() and log["step"] == 5
+    assert len(log["earlier"]["loss_curve_every_25_steps"]) == 2  # stage 1's two losses, not retrained
+
+
+def test_a_staged_text_rebuild_pretrains_the_t5_once_and_keeps_it_frozen(tmp_path):
+    quick = dict(text_pretrain_steps=2, grid_steps=2)
+    stages = [("base", _micro_text_recipe(**quick)),
+              ("late", _micro_text_recipe(**quick, steps=3, t_sampling="logit_normal", t_logit_mean=1.5))]
+    runs = tmp_path / "runs"
+    _, ema, log = train.rebuild("microtext", stages, run_dir=runs, progress=False, export_to=False)
+    first = json.loads((runs / "microtext" / train.STAGE_CARD).read_text())
+    assert log["text_pretrain"] == first["text_pretrain"] and log["text_pretrain"]["steps"] == 2
+    assert "relation_shift" in first and first["stages"][0]["stage"] == "base"
+    base = _ema(runs / "microtext")
+    assert all(torch.equal(base[k], v) for k, v in ema.state_dict().items() if k.startswith("t5."))
+
+
+def test_the_shipped_text_model_is_one_staged_rebuild_matching_its_card():
+    """`kandlab train pixel-text` runs `STAGES["pixel-text"]`: each stage may continue the previous one, and
+    the last stage's recipe and the stages' step counts are those of the committed card."""
+    stages = [(name, make()) for name, make in train.STAGES["pixel-text"]]
+    assert [name for name, _ in stages] == ["base", "layout", "anneal", "decay"]
+    assert [f"pixel-text-{name}" for name, _ in stages[1:]] == list(train.CONTINUATIONS)
+    for (_, before), (_, after) in zip(stages, stages[1:]):
+        assert train.recipe_differences(after, json.loads(json.dumps(train.recipe_card(before)))) == []
+        assert after.steps > before.steps
+    assert stages[0][1].frozen_text  # the T5 pretraining is part of the first stage
+    shipped = weights.load_card("pixel_text.safetensors")
+    last = json.loads(json.dumps(train.recipe_card(stages[-1][1])))
+    assert all(shipped[k] == v for k, v in last.items())
+    steps = [r.steps for _, r in stages]
+    assert [s["steps"] for s in shipped["stages"]] == [b - a for a, b in zip([0] + steps, steps)]
+
+
+def test_cli_train_pixel_text_runs_the_staged_rebuild(monkeypatch, tmp_path, capsys):
+    seen = {}
+
+    def fake_rebuild(model, **kwargs):
+        seen.update(model=model, **kwargs)
+        return train.pixel_text_decay(), None, {"step": 11500}
+
+    monkeypatch.setattr(train, "rebuild", fake_rebuild)
+    assert cli.main(["train", "pixel-text", "--run-dir", str(tmp_path), "--no-export"]) == 0
+    assert seen == {"model": "pixel-text", "run_dir": str(tmp_path), "resume": True, "export_to": False}
+    assert cli.main(["train", "pixel-text", "--restart"]) == 0 and seen["resume"] is False and seen["export_to"] is None
+    assert cli.main(["train", "pixel-text", "--steps", "10"]) == 2  # a staged rebuild's steps are its stages'
+    err = capsys.readouterr().err
+    assert "base to 5000, layout to 8000, anneal to 9750, decay to 11500" in err and "--continue-shipped" in err

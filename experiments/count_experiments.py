@@ -2,10 +2,10 @@
 checkpoint shipped when it ran (``from_shipped``): to rerun one now, first put that stage's ``data/pixel_text.*``
 back (``git log data/pixel_text.json`` finds it). Session 8 continued the layout stage (8,000 steps) with even
 more of its training at high noise, where the number of objects is decided. Scored while they train
-with ``scripts/layout_probe.py runs/<arm>/pixel_text/state.pt <tag>``.
+with ``experiments/layout_probe.py runs/<arm>/pixel_text/state.pt <tag>``.
 
-    python scripts/count_experiments.py noisier 20000     # t/T = σ(u), u ~ N(2.5, 1), lr 8e-4
-    python scripts/count_experiments.py noisier-slow 20000  # the same with lr 2e-4
+    python experiments/count_experiments.py noisier 20000     # t/T = σ(u), u ~ N(2.5, 1), lr 8e-4
+    python experiments/count_experiments.py noisier-slow 20000  # the same with lr 2e-4
 
 Both continue ``data/pixel_text.safetensors`` with a fresh AdamW on one core each, keep 75 % two-group captions,
 and save ``runs/<arm>/pixel_text/state.pt`` every 250 steps; stop them when you like. ``cooldown`` (lr 5e-5)
@@ -23,8 +23,8 @@ its last step (nothing left to train) and exports (35 minutes of scoring on 2 th
 Session 9 continued the shipped anneal stage (9,750 steps) with a fresh AdamW whose rate falls from 2e-4 to 0
 along a cosine (`train.lr_at`, ``lr_decay="cosine"``):
 
-    python scripts/count_experiments.py decay 11500        # the anneal stage's u ~ N(2.5, 1), 75 % two-group
-    python scripts/count_experiments.py decay-wide 11500   # the same with u ~ N(1.5, 1), the layout stage's shift
+    python experiments/count_experiments.py decay 11500        # the anneal stage's u ~ N(2.5, 1), 75 % two-group
+    python experiments/count_experiments.py decay-wide 11500   # the same with u ~ N(1.5, 1), the layout stage's shift
 
 Both ran to 11,500 steps side by side (75.7 min each, 0.39 steps/s). On the probe's first 128 prompts (DDIM 25;
 the anneal stage: 0.73 overall, count 0.74, 17 % of groups over-counted): ``decay`` 0.80 (count 0.80, 12 % over),

@@ -1,13 +1,13 @@
-"""The 300-step probes behind the layout stage (README, "Relations: the layout stage"): can stage 1's UNet
+"""The 300-step probes behind the layout stage (model card data/pixel_text.md, training history): can stage 1's UNet
 learn relations quickly, and from which noise levels? Start from stage 1's weights (data/pixel_text.safetensors
 at commit b412099; extract it with ``git show b412099:data/pixel_text.safetensors > /tmp/stage1.safetensors``),
 train 300 steps on 4,000 two-group captioned images (AdamW 3e-4, batch 32, T5 frozen), then measure the
 relation shift and ShapesBench on the first 48 two-group prompts among score_prompts(256) (DDIM 25, seed 7).
 
-    python scripts/relation_probes.py /tmp/stage1.safetensors eps 500    # plain ε-loss, t ~ U[500, 999]: 6.1 px
-    python scripts/relation_probes.py /tmp/stage1.safetensors x0 500     # ε-loss × SNR (x̂₀-space), same t: 1.6 px
-    python scripts/relation_probes.py /tmp/stage1.safetensors eps logn1  # t/T = σ(u), u ~ N(1, 1): 4.6 px
-    python scripts/relation_probes.py /tmp/stage1.safetensors eps uni    # t uniform: 1.7 px
+    python experiments/relation_probes.py /tmp/stage1.safetensors eps 500    # plain ε-loss, t ~ U[500, 999]: 6.1 px
+    python experiments/relation_probes.py /tmp/stage1.safetensors x0 500     # ε-loss × SNR (x̂₀-space), same t: 1.6 px
+    python experiments/relation_probes.py /tmp/stage1.safetensors eps logn1  # t/T = σ(u), u ~ N(1, 1): 4.6 px
+    python experiments/relation_probes.py /tmp/stage1.safetensors eps uni    # t uniform: 1.7 px
 
 One thread, about 7 minutes each; an optional fourth argument changes the number of steps.
 """

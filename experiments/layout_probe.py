@@ -1,11 +1,11 @@
-"""The layout stage's progress table in the README: score a text model's EMA weights on the first 128 fixed
-prompts (DDIM 25, guidance 4, N(0, I) start, seed 1234 + batch offset), split into one- and two-group
+"""The layout stage's progress table (model card data/pixel_text.md, training history): score a text
+model's EMA weights on the first 128 fixed prompts (DDIM 25, guidance 4, N(0, I) start, seed 1234 + batch offset), split into one- and two-group
 prompts, with the count confusion (asked × drawn objects, `shapes.count_confusion`), plus the relation shift
 over the first 48 two-group prompts among score_prompts(256) (seed 7).
 
-    python scripts/layout_probe.py runs/late/pixel_text/state.pt late-6500   # a run's saved state (copied first)
-    python scripts/layout_probe.py shipped shipped                           # data/pixel_text.safetensors
-    python scripts/layout_probe.py shipped shipped-256 256                   # the first 256 prompts instead
+    python experiments/layout_probe.py runs/late/pixel_text/state.pt late-6500   # a run's saved state (copied first)
+    python experiments/layout_probe.py shipped shipped                           # data/pixel_text.safetensors
+    python experiments/layout_probe.py shipped shipped-256 256                   # the first 256 prompts instead
 
 One thread, about 4 minutes beside a training run (per 128 prompts). Appends one JSON line to runs/layout_probe.jsonl.
 """
@@ -22,7 +22,8 @@ import torch
 from kandlab import shapes, train
 from kandlab.pipeline import Pipeline
 from kandlab.tokenizer import ShapesTokenizer
-from score_progress import load  # scripts/score_progress.py: a run's EMA (state copied first) or the shipped one
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from score_progress import load  # noqa: E402  scripts/score_progress.py: a run's EMA (state copied first) or the shipped one
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
 """Experiments on why the jointly trained pixel_text ignored relations ("A above B"); each is scored with
-``scripts/score_progress.py``. Results: README, "Shipped tiny models".
+``scripts/score_progress.py``. Results: the model card data/pixel_text.md (training history).
 
-    python scripts/relation_experiments.py lognorm 20000   # continue the shipped weights, t/T = σ(u), u ~ N(1, 1)
-    python scripts/relation_experiments.py rel 20000       # continue the shipped weights, 80 % two-group captions
-    python scripts/relation_experiments.py frozen 8000     # from step 0: T5 pretrained on the captions, then frozen
-    python scripts/relation_experiments.py late 20000      # continue the shipped frozen-T5 model, mostly high noise
+    python experiments/relation_experiments.py lognorm 20000   # continue the shipped weights, t/T = σ(u), u ~ N(1, 1)
+    python experiments/relation_experiments.py rel 20000       # continue the shipped weights, 80 % two-group captions
+    python experiments/relation_experiments.py frozen 8000     # from step 0: T5 pretrained on the captions, then frozen
+    python experiments/relation_experiments.py late 20000      # continue the shipped frozen-T5 model, mostly high noise
 
 Each saves ``runs/<arm>/pixel_text/state.pt`` every 250 steps; stop it when you like. The two continuations
 ran on one core each (session 5) from the jointly trained model shipped then (it is this file at commit 7b3c046
