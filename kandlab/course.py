@@ -189,7 +189,7 @@ def _format_number(value: Any) -> str:
     return str(value)
 
 
-def claim(condition: Any, statement: str, *, full_only: bool = False, **numbers: Any) -> bool:
+def claim(condition: Any, statement: str, *, full_only: bool = False, **numbers: Any) -> None:
     r"""State a finding of the lesson and check it against the numbers just measured.
 
     ``condition`` is the comparison written in code (``ddim_score >= ddpm_score - 2 * se``);
@@ -201,18 +201,19 @@ def claim(condition: Any, statement: str, *, full_only: bool = False, **numbers:
 
     ``full_only=True`` marks a claim whose sample is too small to decide it in FAST mode
     (``KANDLAB_FAST=1``, the test suite's setting): there it prints what was measured
-    without raising. Returns whether the condition held.
+    without raising. Returns nothing, so a claim cell shows only its message (nbval runs cells
+    without history, where a trailing ``;`` would not hide a return value).
     """
     held = bool(condition)
     measured = ", ".join(f"{k} = {_format_number(v)}" for k, v in numbers.items())
     measured_line = f"\n   measured: {measured}" if measured else ""
     if held:
         print(f"✔ claim holds: {statement}{measured_line}")
-        return True
+        return
     if full_only and is_fast():
         print(f"⏭ claim checked in full mode only (FAST mode measures too few samples to decide it): "
               f"{statement}{measured_line}\n   (in this FAST run it does not hold — expected with so few samples)")
-        return False
+        return
     raise ClaimFailed(
         f"❌ This lesson says: {statement!r} — but the numbers just measured do not support it.{measured_line}\n"
         "If you changed the model, the sampler, the seed or the number of samples, that is the likely reason "
