@@ -157,7 +157,8 @@ def train_command(args: argparse.Namespace) -> int:
             recipe, ema, log = train.rebuild(args.recipe, run_dir=args.run_dir, resume=not args.restart,
                                              export_to=None if args.export else False)
             if args.export:
-                print(f"wrote data/{recipe.name}.safetensors ({log['step']} steps)")
+                _refresh_model_cards()
+                print(f"wrote data/{recipe.name}.safetensors and its cards ({log['step']} steps)")
             return 0
         name, stage = args.recipe, None
         if staged:  # --continue-shipped: the shipped model extended with its last stage's recipe
@@ -178,8 +179,17 @@ def train_command(args: argparse.Namespace) -> int:
         command = (f"kandlab train {args.recipe}" + (f" --steps {args.steps}" if args.steps is not None else "")
                    + (" --continue-shipped" if args.continue_shipped else ""))
         path = train.export(recipe, ema, log, command=command)
-        print(f"wrote {path} ({log['step']} steps in {log['seconds'] / 60:.1f} min)")
+        _refresh_model_cards()
+        print(f"wrote {path} and its cards ({log['step']} steps in {log['seconds'] / 60:.1f} min)")
     return 0
+
+
+def _refresh_model_cards() -> None:
+    """After an export: data/<name>.md from the new JSON card (`kandlab.cards`), then the manifest."""
+    from kandlab import cards, weights
+
+    cards.write_cards()
+    weights.write_manifest()
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -383,7 +383,8 @@ def check_memory(num_images: int, config: UNetConfig, image_size: int, guidance:
         f"{num_images} images at once (prompts × images_per_prompt; -n in kandlab generate) need about "
         f"{_gib(num_images * per_image)} of memory ({_gib(per_image)} per image: {what} at "
         f"{image_size}×{image_size}), but only {_gib(available)} is available here: at most {most} images fit. "
-        f"Ask for {most} or fewer, or sample in several calls with different seeds.")
+        + (f"Ask for {most} or fewer, or sample in several calls with different seeds." if most else
+           "Close other programs to free memory first."))
 
 
 def config_card(model: TextToImage) -> dict:

@@ -576,7 +576,9 @@ def _run_facts(recipe: Recipe, log: dict) -> dict:
 
 def export(recipe: Recipe, ema: UNet | TextToImage, log: dict, out_dir: Path | None = None,
            command: str | None = None) -> Path:
-    """Write ``<name>.safetensors``, its JSON card and sample grid PNG; refresh the manifest.
+    """Write ``<name>.safetensors``, its JSON card (keeping the prose fields of the card it replaces,
+    `kandlab.cards.keep_prose`) and sample grid PNG; refresh the manifest. ``kandlab train`` then
+    renders the model card ``<name>.md`` (`kandlab.cards.write_cards`).
 
     ``command`` is the `kandlab train` command line that ran this stage (default: the recipe's
     name); a continued run's card says ``<the shipped card's rebuild>, then <command>``.
@@ -610,7 +612,12 @@ def export(recipe: Recipe, ema: UNet | TextToImage, log: dict, out_dir: Path | N
         "rebuild": _rebuild(recipe, log, command),
         "sha256": weights.sha256_file(path),
     }
-    (out / f"{recipe.name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    from kandlab import cards
+
+    card_path = out / f"{recipe.name}.json"
+    old = json.loads(card_path.read_text()) if card_path.exists() else None
+    card = cards.keep_prose(card, old)  # the replaced card's prose (summary, history, ...) stays
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
     weights.write_manifest(out)
     return path
 

@@ -455,10 +455,25 @@ def test_cli_train_pixel_text_runs_the_staged_rebuild(monkeypatch, tmp_path, cap
         seen.update(model=model, **kwargs)
         return train.pixel_text_decay(), None, {"step": 11500}
 
+    refreshed = []
     monkeypatch.setattr(train, "rebuild", fake_rebuild)
+    monkeypatch.setattr(cli, "_refresh_model_cards", lambda: refreshed.append(True))  # data/ stays as it is
     assert cli.main(["train", "pixel-text", "--run-dir", str(tmp_path), "--no-export"]) == 0
     assert seen == {"model": "pixel-text", "run_dir": str(tmp_path), "resume": True, "export_to": False}
+    assert not refreshed
     assert cli.main(["train", "pixel-text", "--restart"]) == 0 and seen["resume"] is False and seen["export_to"] is None
+    assert refreshed == [True]  # an export renders the model cards
     assert cli.main(["train", "pixel-text", "--steps", "10"]) == 2  # a staged rebuild's steps are its stages'
     err = capsys.readouterr().err
     assert "base to 5000, layout to 8000, anneal to 9750, decay to 11500" in err and "--continue-shipped" in err
+
+
+def test_export_keeps_the_prose_of_the_card_it_replaces(tmp_path, monkeypatch):
+    out = _ship_micro(tmp_path, monkeypatch)
+    card = json.loads((out / "micro.json").read_text())
+    (out / "micro.json").write_text(json.dumps({**card, "summary": "A micro model.", "history": [{"what": "x"}]}))
+    ema, log = train.train(_micro_recipe(), run_dir=tmp_path / "first", progress=False)  # resumes: nothing to train
+    train.export(_micro_recipe(), ema, log, out_dir=out)
+    again = json.loads((out / "micro.json").read_text())
+    assert again["summary"] == "A micro model." and again["history"] == [{"what": "x"}]
+    assert again["sha256"] == weights.sha256_file(out / "micro.safetensors")
