@@ -147,7 +147,7 @@ print((large - small) / 288)
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux only")
-def test_activation_estimate_covers_the_measured_peak_memory_per_image(pipe):
+def test_activation_estimate_is_the_size_of_the_measured_peak_memory_per_image(pipe):
     """The estimate behind the image cap, against the growth of peak RSS from a forward of 32 images to one of
     320, in a fresh process. The allocator makes that growth uneven (measured on this micro UNet: 0.6 to 1.2 MiB
     per image between runs, the estimate 1.2), so the test asks for the right size, not the exact number: within
