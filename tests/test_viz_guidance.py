@@ -65,10 +65,42 @@ def test_plot_rows():
 def test_plot_count_confusion_shows_row_shares_and_the_right_share():
     matrix = [[0, 3, 1, 0, 0], [0, 0, 2, 2, 0], [0, 0, 0, 1, 3]]  # 6 of 12 groups right
     fig = viz.plot_count_confusion({"model": matrix})
-    (ax,) = fig.axes
-    assert "right: 50% of groups" in ax.get_title()
+    ax, bar = fig.axes  # the panel and its colour bar (colour means a share)
+    assert "right: 50% of groups" in ax.get_title() and bar.get_ylabel() == "share of the row"
     texts = [t.get_text() for t in ax.texts]
     assert "75%\n(3)" in texts and "25%\n(1)" in texts  # row 1: three of four drawn right
     plt.close("all")
     with pytest.raises(ValueError, match="at least one"):
         viz.plot_count_confusion({})
+
+
+def test_plot_guidance_sweep_error_bars():
+    score = {"colour": 1.0, "shape": 0.9, "count": 0.8, "position": 1.0, "overall": 0.75}
+    fig = viz.plot_guidance_sweep([0, 1, 4], [score] * 3, [0.2, 0.15, 0.1], n_images=96, diversity_se=[0.01] * 3)
+    left, right = fig.axes
+    assert "n = 96" in " ".join(t.get_text() for t in left.get_legend().get_texts())
+    assert len(left.containers) == 1 and len(right.containers) == 1  # one errorbar each
+    plt.close("all")
+    with pytest.raises(ValueError, match="standard errors"):
+        viz.plot_guidance_sweep([0, 1], [score] * 2, [0.1, 0.2], diversity_se=[0.01])
+
+
+def test_lesson_05_figures_are_readable():
+    """The sizes lesson 05 draws: 8 prompt-titled columns, four confusion panels, a grid of 4 or 8 seeds."""
+    prompts = ["two large magenta triangles below a small cyan triangle", "three small yellow circles right of "
+               "two small blue squares", "a small red circle", "two small cyan squares"] * 2
+    score = {"colour": 1.0, "shape": 0.9, "count": 0.8, "position": math.nan, "overall": 0.75}
+    matrix = [[0, 270, 5, 0, 0], [0, 5, 260, 36, 0], [0, 0, 5, 136, 39]]
+    figures = [
+        viz.plot_rows({"s = 0\n(uncond.)": torch.zeros(8, 3, 32, 32), "s = 1": torch.zeros(8, 3, 32, 32)},
+                      col_titles=prompts, suptitle="the first prompts' seeds at every scale of the sweep"),
+        viz.plot_count_confusion({f"s = {s}": matrix for s in (1, 4, 15)} | {"card: 512 prompts, s = 4": matrix}),
+        viz.plot_guidance_sweep([0, 1, 4, 15], [score] * 4, [0.28, 0.12, 0.12, 0.13], n_images=192,
+                                diversity_se=[0.003] * 4, title="48 prompts × 4 seeds"),
+        viz.plot_guidance_grid(torch.zeros(4, 3, 32, 32), prompts[0], 4.0, score),
+        viz.plot_guidance_grid(torch.zeros(8, 3, 32, 32), prompts[1], 4.0, score),
+    ]
+    for fig in figures:
+        fig.set_dpi(72)  # the lessons' dpi
+        assert viz.readability_problems(fig) == []
+    plt.close("all")
