@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from kandlab import weights
+from kandlab.course import share_se
 
 # What each score means (the scorer's definitions, `kandlab.shapes.score` / `unconditional_stats`).
 METRICS: dict[str, tuple[str, str]] = {  # key → (name, meaning)
@@ -107,11 +107,6 @@ def fill(text: str, card: dict, cards: dict[str, dict] | None = None) -> str:
         return _format(lookup(source, path), spec)
 
     return _PLACEHOLDER.sub(one, text)
-
-
-def share_se(share: float, n: int) -> float:
-    r"""Standard error of a share measured on ``n`` items, :math:`\sqrt{p(1-p)/n}`."""
-    return math.sqrt(share * (1 - share) / n)
 
 
 def position_trials(score: dict) -> int | None:
@@ -247,8 +242,10 @@ def _stages_section(card: dict, cards: dict | None) -> list[str]:
     stages, notes = card.get("stages"), card.get("stage_notes", [])
     if not stages:
         return []
+    text = "shapesbench_overall" in card["score"]
+    shown = ("overall", "count", "position") if text else ("plausible", "recognised", "blobs")
     columns = ["stage", "UNet steps (total)", "time steps", "lr", "two-group captions", "wall time",
-               "ShapesBench at its end: overall · count · position", "relation shift"]
+               f"ShapesBench at its end: {' · '.join(shown)}", "relation shift"]
     rows, done = [], 0
     for k, stage in enumerate(stages):
         note = notes[k] if k < len(notes) else {}
@@ -261,7 +258,7 @@ def _stages_section(card: dict, cards: dict | None) -> list[str]:
                      f"{full['p_relation']:.0%}" if "p_relation" in full else "—",
                      f"{_minutes(stage['wall_time_seconds'])} ({stage['steps_per_second']:.2f} steps/s, "
                      f"{stage['hardware']['threads']} thread{'s' if stage['hardware']['threads'] != 1 else ''})",
-                     " · ".join(score_cell(end, f"shapesbench_{c}") for c in ("overall", "count", "position"))
+                     " · ".join(score_cell(end, f"shapesbench_{c}") for c in shown)
                      if end else "—",
                      f"{shift['model']['px']:+.2f} px" if shift else "—"])
     prompts = {s["score_at_end"]["prompts"] for s in stages if "score_at_end" in s} | {card["score"]["prompts"]}

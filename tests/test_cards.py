@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from kandlab import cards, weights
+from kandlab import course, cards, weights
 
 
 def _shipped() -> dict[str, dict]:
@@ -53,7 +53,7 @@ def test_position_share_uses_the_two_group_prompts_as_n():
     score = {"prompts": 4, "shapesbench_position": 0.5, "count_confusion": [[0, 3, 0, 0, 0], [0, 0, 2, 0, 0],
                                                                            [0, 0, 0, 1, 0]]}
     assert cards.position_trials(score) == 2  # 6 groups over 4 prompts: 2 prompts have two groups
-    assert cards.score_cell(score, "shapesbench_position") == f"0.50 ± {cards.share_se(0.5, 2):.2f}"
+    assert cards.score_cell(score, "shapesbench_position") == f"0.50 ± {course.share_se(0.5, 2):.2f}"
 
 
 def test_placeholders_read_fields_of_this_or_another_card():
@@ -114,3 +114,17 @@ def test_a_staged_card_without_notes_names_its_stages_from_their_records():
     text = cards.model_card(card)
     assert "| base | +2 (2) |" in text and "| more | +2 (4) |" in text and "8e-04 → 0 (cosine)" in text
     assert "4 steps in 2 stages" in text
+
+
+def test_a_staged_unconditional_card_shows_its_own_scores_per_stage():
+    hw = {"cpu_count": 2, "machine": "x86_64", "torch": "2.13.0+cpu", "threads": 1}
+    score = {"shapesbench_plausible": 0.25, "shapesbench_recognised": 0.8, "shapesbench_blobs": 3.0,
+             "shapesbench_colours": 2.0, "samples": 16, "sampler": "DDIM 50 steps"}
+    stage = {"steps": 2, "wall_time_seconds": 6.0, "steps_per_second": 0.33, "hardware": hw, "lr": 8e-4}
+    card = {"name": "micro_uncond", "description": "d", "recipe": {"name": "micro_uncond"}, "parameters": 1,
+            "steps": 4, "wall_time_seconds": 12.0, "steps_per_second": 0.33, "hardware": hw, "score": score,
+            "stages": [{**stage, "stage": "base", "score_at_end": score}, {**stage, "stage": "more"}],
+            "rebuild": "kandlab train micro-uncond", "sha256": "0" * 64}
+    text = cards.model_card(card)
+    assert "ShapesBench at its end: plausible · recognised · blobs" in text
+    assert f"0.25 ± {course.share_se(0.25, 16):.2f}" in text
