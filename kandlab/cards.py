@@ -261,8 +261,9 @@ def _stages_section(card: dict, cards: dict | None) -> list[str]:
                      " · ".join(score_cell(end, f"shapesbench_{c}") for c in shown)
                      if end else "—",
                      f"{shift['model']['px']:+.2f} px" if shift else "—"])
-    prompts = {s["score_at_end"]["prompts"] for s in stages if "score_at_end" in s} | {card["score"]["prompts"]}
-    out = _table(columns, rows) + ["", f"Scores on {', '.join(map(str, sorted(prompts)))} prompts with the card's "
+    unit = "prompts" if text else "samples"
+    sizes = {s["score_at_end"][unit] for s in stages if "score_at_end" in s} | {card["score"][unit]}
+    out = _table(columns, rows) + ["", f"Scores on {', '.join(map(str, sorted(sizes)))} {unit} with the card's "
                                        "default sampler (Scores below); ± as there.", ""]
     sources = {n["settings_source"] for n in notes if n.get("settings_source")}
     if sources:
