@@ -14,8 +14,10 @@ cells from the browser (``notebook:run-all-cells`` through ``window.jupyterapp``
 A screenshot of every widget (after its controls were moved) is written to ``$KANDLAB_BROWSER_SHOTS``
 (default: a pytest temporary folder; the path is in each failure message).
 
-One JupyterLab server and one browser serve all lessons; lessons run one after another, each kernel
-shut down when its lesson is done. The kernels inherit the suite's environment from conftest.py
+One JupyterLab server and one browser serve all lessons. To fit the suite's time budget on two cores,
+lessons are opened and run ahead of the test that checks them, two Run Alls at a time on one kernel
+thread each (``OMP_NUM_THREADS=1``: on two cores, two one-thread processes beat one two-thread process);
+each lesson's kernel is shut down when its check is done. The kernels inherit the suite's environment from conftest.py
 (FAST mode, blocked network, offline hub) except ``MPLBACKEND=Agg``: a learner's kernel uses the
 inline backend, under Agg a widget would print ``<Figure size ...>`` instead of drawing.
 
@@ -53,6 +55,8 @@ PAGE_READY_TIMEOUT_S = 120      # JupyterLab loaded, kernel started and idle
 RUN_ALL_TIMEOUT_S = 480         # one lesson's Run All (FAST mode: 7-80 s on an idle 2-core CPU)
 WIDGET_RENDER_TIMEOUT_S = 60
 CHANGE_TIMEOUT_S = 150          # one control moved -> the widget's output redrawn (05 samples images)
+CONCURRENT_RUNS = 2             # lessons running their Run All at once (2 cores, one kernel thread each)
+LIVE_LESSONS = 4                # lessons open at once (run ahead and not yet checked): bounds memory
 CHROMIUM_FLAGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",
@@ -195,9 +199,10 @@ class Lab:
     def log_tail(self, n: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
-    def shutdown_kernels(self):
+    def shutdown_kernel(self, path: str):
         for session in self.api("GET", "/api/sessions"):
-            self.api("DELETE", f"/api/sessions/{session['id']}")
+            if session.get("path") == path:
+                self.api("DELETE", f"/api/sessions/{session['id']}")
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +216,7 @@ def lab(tmp_path_factory):
         (base / "settings" / rel).write_text(json.dumps(values))
     env = dict(os.environ)
     env.pop("MPLBACKEND", None)  # kernels draw with the inline backend, as a learner's do
+    env.setdefault("OMP_NUM_THREADS", "1")  # two kernels side by side on two cores
     env.update({
         "JUPYTERLAB_SETTINGS_DIR": str(base / "settings"),
         "JUPYTERLAB_WORKSPACES_DIR": str(base / "workspaces"),
@@ -274,6 +280,106 @@ def browser(lab):
             yield chromium
         finally:
             chromium.close()
+
+
+class Lesson:
+    """One notebook's page in the browser and its Run All; ``problem`` says what went wrong, if anything."""
+
+    def __init__(self, notebook: Path, page):
+        self.notebook, self.page = notebook, page
+        self.page_errors: list[str] = []
+        page.on("pageerror", lambda e: self.page_errors.append(str(e)))
+        self.problem: str | None = None
+        self.opened = time.monotonic()
+        self.started = self.done = None
+        self.alongside = 0  # the most other lessons seen running their Run All beside this one
+
+    @property
+    def running(self) -> bool:
+        return self.problem is None and self.started is not None and self.done is None
+
+
+class Runner:
+    """Opens the lessons in test order and starts their Run All ahead of the test that checks them,
+    CONCURRENT_RUNS at a time and at most LIVE_LESSONS open."""
+
+    def __init__(self, lab: Lab, browser, notebooks: list[Path]):
+        self.lab, self.browser, self.queue = lab, browser, list(notebooks)
+        self.live: dict[str, Lesson] = {}
+
+    def _start(self, notebook: Path):
+        from playwright.sync_api import Error
+
+        page = self.browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(30_000)
+        lesson = self.live[notebook.name] = Lesson(notebook, page)
+        try:
+            page.goto(f"{self.lab.url}/lab/workspaces/{notebook.stem}/tree/{notebook.name}?token={self.lab.token}")
+            if not _wait(page, JS_READY, notebook.name, PAGE_READY_TIMEOUT_S):
+                lesson.problem = (f"JupyterLab did not open the notebook with an idle kernel within "
+                                  f"{PAGE_READY_TIMEOUT_S} s; server log:\n{self.lab.log_tail()}")
+                return
+            # The kernel is this virtualenv's Python and has the suite's environment.
+            seen = json.loads(page.evaluate(JS_KERNEL_EXEC, "import sys, os, json, matplotlib; print(json.dumps("
+                                            "[sys.prefix, os.environ.get('KANDLAB_FAST'), matplotlib.get_backend()]))"))
+            if seen[:2] != [sys.prefix, "1"] or "inline" not in seen[2]:
+                lesson.problem = (f"the kernel runs in {seen[0]} with KANDLAB_FAST={seen[1]} and matplotlib backend "
+                                  f"{seen[2]}; expected {sys.prefix}, FAST mode (1) and the inline backend")
+                return
+            lesson.started = time.monotonic()
+            page.evaluate(JS_RUN_ALL)
+        except Error as error:
+            lesson.problem = f"the browser failed while opening the notebook: {error}"
+
+    def _poll(self):
+        running = [lesson for lesson in self.live.values() if lesson.running]
+        for lesson in running:
+            lesson.alongside = max(lesson.alongside, len(running) - 1)
+            if lesson.page.evaluate(JS_RUN_ALL_DONE):
+                lesson.done = time.monotonic()
+            elif time.monotonic() - lesson.started > RUN_ALL_TIMEOUT_S:
+                busy = [c for c in lesson.page.evaluate(JS_CELLS) if c["running"]]
+                now = f"cell {busy[0]['index']} `{_cell_head(busy[0]['source'])}` still running" if busy else \
+                    "no cell running"
+                lesson.problem = f"Run All did not finish within {RUN_ALL_TIMEOUT_S} s ({now})"
+
+    def pump(self):
+        """Note finished runs and start the next lessons while there is room."""
+        self._poll()
+        while (self.queue and len(self.live) < LIVE_LESSONS
+               and sum(lesson.running for lesson in self.live.values()) < CONCURRENT_RUNS):
+            self._start(self.queue.pop(0))
+
+    def wait(self, notebook: Path) -> Lesson:
+        """The lesson with its Run All finished (or its ``problem`` set)."""
+        if notebook.name not in self.live:
+            if notebook in self.queue:
+                self.queue.remove(notebook)
+            self._start(notebook)
+        lesson = self.live[notebook.name]
+        while lesson.problem is None and lesson.done is None:
+            self.pump()
+            time.sleep(0.5)
+        self.pump()
+        return lesson
+
+    def finish(self, lesson: Lesson):
+        try:
+            self.lab.shutdown_kernel(lesson.notebook.name)
+        except OSError:
+            pass
+        lesson.page.close()
+        del self.live[lesson.notebook.name]
+
+
+@pytest.fixture(scope="module")
+def runner(lab, browser, request):
+    selected = [item.callspec.params["notebook"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_widgets_work_in_a_real_browser"]
+    instance = Runner(lab, browser, selected)
+    yield instance
+    for lesson in list(instance.live.values()):
+        instance.finish(lesson)
 
 
 @pytest.fixture(scope="module")
@@ -351,7 +457,7 @@ def _nudge_slider(handle) -> str:
 
 
 def _next_option(select) -> str:
-    options = select.locator("option").all_inner_texts()
+    options = [o.replace("\xa0", " ") for o in select.locator("option").all_inner_texts()]
     current = select.evaluate("s => s.selectedIndex")
     pick = (current + 1) % len(options)
     select.select_option(index=pick)
@@ -393,13 +499,11 @@ def _cell_head(source: str) -> str:
 
 
 @pytest.mark.parametrize("notebook", LESSONS, ids=lambda p: p.stem)
-def test_widgets_work_in_a_real_browser(notebook, lab, browser, shots):
+def test_widgets_work_in_a_real_browser(notebook, runner, shots):
     from playwright.sync_api import Error
 
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(30_000)
-    page_errors: list[str] = []
-    page.on("pageerror", lambda e: page_errors.append(str(e)))
+    lesson = runner.wait(notebook)
+    page = lesson.page
     where = f"{notebook.name} (screenshots: {shots})"
 
     def fail(message: str):
@@ -407,32 +511,13 @@ def test_widgets_work_in_a_real_browser(notebook, lab, browser, shots):
             page.screenshot(path=str(shots / f"{notebook.stem}-failure.png"))
         except Error:
             pass
-        extra = f"\nbrowser errors: {page_errors[-5:]}" if page_errors else ""
+        extra = f"\nbrowser errors: {lesson.page_errors[-5:]}" if lesson.page_errors else ""
         pytest.fail(f"{where}: {message}{extra}", pytrace=False)
 
-    opened = time.monotonic()
     try:
-        page.goto(f"{lab.url}/lab/workspaces/{notebook.stem}/tree/{notebook.name}?token={lab.token}")
-        if not _wait(page, JS_READY, notebook.name, PAGE_READY_TIMEOUT_S):
-            fail(f"JupyterLab did not open the notebook with an idle kernel within {PAGE_READY_TIMEOUT_S} s; "
-                 f"server log:\n{lab.log_tail()}")
-
-        # The kernel is this virtualenv's Python and has the suite's environment.
-        seen = json.loads(page.evaluate(JS_KERNEL_EXEC, "import sys, os, json, matplotlib; print(json.dumps("
-                                        "[sys.prefix, os.environ.get('KANDLAB_FAST'), matplotlib.get_backend()]))"))
-        if seen[:2] != [sys.prefix, "1"] or "inline" not in seen[2]:
-            fail(f"the kernel runs in {seen[0]} with KANDLAB_FAST={seen[1]} and matplotlib backend {seen[2]}; "
-                 f"expected {sys.prefix}, FAST mode (1) and the inline backend")
-
-        started = time.monotonic()
-        ready_s = started - opened
-        page.evaluate(JS_RUN_ALL)
-        if not _wait(page, JS_RUN_ALL_DONE, None, RUN_ALL_TIMEOUT_S, polling=500):
-            running = [c for c in page.evaluate(JS_CELLS) if c["running"]]
-            now = f"cell {running[0]['index']} `{_cell_head(running[0]['source'])}` still running" if running else \
-                "no cell running"
-            fail(f"Run All did not finish within {RUN_ALL_TIMEOUT_S} s ({now})")
-        ran = time.monotonic()
+        if lesson.problem:
+            fail(lesson.problem)
+        started, ran = lesson.started, time.monotonic()
         result = page.evaluate("() => window.__klRunAll")
 
         cells = page.evaluate(JS_CELLS)
@@ -466,7 +551,7 @@ def test_widgets_work_in_a_real_browser(notebook, lab, browser, shots):
             fail(f"cell {cell['index']} `{_cell_head(cell['source'])}` shows no widget with controls "
                  f"{WIDGET_RENDER_TIMEOUT_S} s after Run All (its output: {shows.inner_text()[:300]!r})")
         if not panels:
-            fail("the lesson shows no widget (every lesson has at least one, see shared DESIGN.md's lesson map)")
+            fail("the lesson shows no widget (by the course's design every lesson has at least one)")
 
         for number, info in enumerate(panels, 1):
             panel = page.locator(f"[data-kl-panel='{info['id']}']")
@@ -488,6 +573,7 @@ def test_widgets_work_in_a_real_browser(notebook, lab, browser, shots):
                     fail(f"{what}: {name} {did}, but the widget's output did not change within "
                          f"{CHANGE_TIMEOUT_S} s (it shows: {panel.inner_text()[:300]!r})")
                 moved.append(f"{name} {did}")
+                runner.pump()  # keep the lessons ahead running
                 page.wait_for_timeout(300)  # let the redraw settle before the next comparison
                 shown = panel.evaluate(JS_SHOWN)
                 pictures += "<img" in shown
@@ -503,14 +589,11 @@ def test_widgets_work_in_a_real_browser(notebook, lab, browser, shots):
             print(f"{notebook.stem} {what}: each of these changed its output: " + "; ".join(moved))
 
         _assert_no_problem_text(page, page.evaluate(JS_CELLS), fail)
-        print(f"{notebook.stem}: opened in {ready_s:.0f} s, Run All {ran - started:.0f} s, "
-              f"{len(panels)} widget(s) checked in {time.monotonic() - ran:.0f} s")
+        print(f"{notebook.stem}: opened in {started - lesson.opened:.0f} s, Run All {lesson.done - started:.0f} s "
+              f"(beside up to {lesson.alongside} other), {len(panels)} widget(s) checked in "
+              f"{time.monotonic() - ran:.0f} s")
     finally:
-        try:
-            lab.shutdown_kernels()
-        except OSError:
-            pass
-        page.close()
+        runner.finish(lesson)
 
 
 def _assert_no_problem_text(page, cells, fail):
