@@ -718,7 +718,7 @@ def plot_position_buckets(num_buckets: int = 32, max_distance: int = 128, bidire
            title=f"{num_buckets} buckets, max_distance {max_distance}, "
                  f"{'bidirectional' if bidirectional else 'causal'}")
     ax.title.set_fontsize(9)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left")
     if bias is not None:
         ax = axes[0, 1]
         near = torch.arange(-bias_distance, bias_distance + 1)
@@ -732,7 +732,7 @@ def plot_position_buckets(num_buckets: int = 32, max_distance: int = 128, bidire
         ax.set(xlabel="relative position d = key − query", ylabel="bias added to the score",
                title=f"learned bias table ({bias.shape[0]} buckets, max_distance {bias_max_distance})")
         ax.title.set_fontsize(9)
-        ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return fig
 
@@ -783,7 +783,7 @@ def plot_token_similarity(panels: dict[str, torch.Tensor], tokens_a: Sequence[st
             raise ValueError(f"panel {title!r} has shape {tuple(sim.shape)}, but there are "
                              f"{len(tokens_a)} × {len(tokens_b)} tokens")
     n = len(panels)
-    side = 0.34
+    side = 0.42  # inches per cell: room for its value at 8 pt
     fig, axes = plt.subplots(1, n, figsize=(n * (len(tokens_b) * side + 1.6), len(tokens_a) * side + 1.4), squeeze=False)
     for ax, (title, sim) in zip(axes[0], panels.items()):
         im = ax.imshow(sim.detach().numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
@@ -791,7 +791,7 @@ def plot_token_similarity(panels: dict[str, torch.Tensor], tokens_a: Sequence[st
         ax.set_yticks(range(len(tokens_a)), tokens_a, fontsize=8)
         for i in range(len(tokens_a)):
             for j in range(len(tokens_b)):
-                ax.text(j, i, f"{float(sim[i, j]):.1f}", ha="center", va="center", fontsize=5.5,
+                ax.text(j, i, f"{float(sim[i, j]):.1f}", ha="center", va="center", fontsize=8,
                         color="white" if abs(float(sim[i, j])) > 0.6 else "black")
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)

@@ -95,3 +95,14 @@ def test_prompt_grid_widget_generates_on_click_and_reports_errors(capsys):
     _find(box, Button).click()
     assert "⚠ prompt 'bad' uses words the tiny model never saw" in capsys.readouterr().out
     plt.close("all")
+
+
+def test_lesson_04_plots_are_readable():
+    """No type under 8 pt and nothing drawn over each other (issue 17), at lesson 04's sizes."""
+    fig = viz.plot_position_buckets(32, 128, True, bias=torch.randn(32, 4), seen=15)
+    assert viz.readability_problems(fig) == []
+    tokens = "two red circles above a blue square </s>".split()
+    sim = viz.cosine_similarity_matrix(torch.randn(8, 16), torch.randn(8, 16))
+    fig = viz.plot_token_similarity({"random": sim, "joint": sim, "pretrained": -sim}, tokens, tokens)
+    assert viz.readability_problems(fig) == []
+    plt.close("all")
