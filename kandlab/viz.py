@@ -742,8 +742,11 @@ def position_bucket_widget(bias: torch.Tensor | None = None, bias_max_distance: 
     import ipywidgets as widgets
     from IPython.display import display
 
-    num_buckets = widgets.IntSlider(value=32, min=4, max=64, step=2, description="num_buckets", continuous_update=False)
-    max_distance = widgets.IntSlider(value=128, min=2, max=256, description="max_distance", continuous_update=False)
+    wide = {"description_width": "initial"}  # the default label width cuts "num_buckets" to "num_buck…"
+    num_buckets = widgets.IntSlider(value=32, min=4, max=64, step=2, description="num_buckets", continuous_update=False,
+                                    style=wide)
+    max_distance = widgets.IntSlider(value=128, min=2, max=256, description="max_distance", continuous_update=False,
+                                     style=wide)
     bidirectional = widgets.Checkbox(value=True, description="bidirectional")
     out = widgets.Output()
 
