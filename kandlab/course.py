@@ -32,6 +32,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -324,13 +325,18 @@ def execute(path: Path, timeout: int = 1200) -> float:
     import time
 
     import nbformat
+    from jupyter_client.manager import KernelManager
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
     os.environ["KANDLAB_CHECK_FIGURES"] = "1"  # the kernel inherits it: kandlab.viz checks every figure shown
-    start = time.perf_counter()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
-    seconds = time.perf_counter() - start
+    # The kernel talks over IPC sockets in a folder of its own: two lessons executed side by side (one per
+    # core) picked clashing TCP ports once, which left a client waiting forever on a finished kernel.
+    with tempfile.TemporaryDirectory(prefix="kandlab-kernel-") as sockets:
+        kernel = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(sockets) / "kernel"))
+        start = time.perf_counter()
+        NotebookClient(nb, km=kernel, timeout=timeout, resources={"metadata": {"path": str(path.parent)}}).execute()
+        seconds = time.perf_counter() - start
     nb.metadata.pop("widgets", None)
     for cell in nb.cells:
         cell.metadata.pop("execution", None)

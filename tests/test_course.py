@@ -166,3 +166,18 @@ def test_progress_bars_are_recognised_and_other_widgets_kept():
     slider = {"output_type": "display_data", "data": {"application/vnd.jupyter.widget-view+json": {},
                                                        "text/plain": "VBox(children=(IntSlider(value=0),))"}}
     assert course.is_progress_bar(bar) and not course.is_progress_bar(slider)
+
+
+def test_execute_runs_a_lesson_in_place_and_drops_frozen_progress_bars(tmp_path):
+    """`course execute` (the committed outputs' run): outputs written back, tqdm bars dropped, claims shown."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("from tqdm.auto import tqdm\nfor _ in tqdm(range(3)): pass"),
+                nbformat.v4.new_code_cell("from kandlab import course\ncourse.claim(2 > 1, 'two beats one', a=2)")]
+    path = tmp_path / "lesson.ipynb"
+    nbformat.write(nb, path)
+    course.execute(path, timeout=120)
+    cells = nbformat.read(path, as_version=4).cells
+    assert not any(course.is_progress_bar(o) for o in cells[0].outputs)
+    assert "✔ claim holds: two beats one" in "".join(o.get("text", "") for o in cells[1].outputs)
