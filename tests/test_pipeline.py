@@ -141,17 +141,18 @@ def forward(b):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak so far (Linux: KiB)
 
 forward(8)
-small, large = forward(32), forward(320)
-print((large - small) / 288)
+small, large = forward(64), forward(512)
+print((large - small) / 448)
 """
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux only")
 def test_activation_estimate_is_the_size_of_the_measured_peak_memory_per_image(pipe):
-    """The estimate behind the image cap, against the growth of peak RSS from a forward of 32 images to one of
-    320, in a fresh process. The allocator makes that growth uneven (measured on this micro UNet: 0.6 to 1.2 MiB
-    per image between runs, the estimate 1.2), so the test asks for the right size, not the exact number: within
-    half to three times the measurement. The shipped model's numbers are in `activation_bytes`."""
+    """The estimate behind the image cap, against the growth of peak RSS from a forward of 64 images to one of
+    512, in a fresh process. The allocator makes that growth uneven (on this micro UNet, from 32 to 320 images:
+    0.6 to 1.2 MiB per image between runs, once less, which failed the bound; from 64 to 512: 0.58-0.64 MiB in
+    6 runs, the estimate 1.21), so the test asks for the right size, not the exact number: within half to three
+    times the measurement. The shipped model's numbers are in `activation_bytes`."""
     import dataclasses
     import json
     import subprocess
