@@ -127,3 +127,26 @@ def test_three_exercises_each_checked_against_kandlab(lesson):
                     f"{lesson.name}: course.check(..., {ast.unparse(reference)}) compares with "
                     f"{sorted(used & local)} defined in the notebook itself; compare with kandlab's reference")
     assert checks >= exercises, f"{lesson.name}: {exercises} exercises but only {checks} course.check calls"
+
+
+RUN_TIME = re.compile(r"\*\*Run time\*\* \(measured on a 2-core CPU\): full run (?P<full>.+?) · FAST mode "
+                      r"\(the tests' setting\) (?P<fast>.+?)\.(?:\s|$)")
+
+
+def _readme_row(stem: str) -> list[str]:
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("|") and f"(solutions/{stem}.ipynb)" in line:
+            return [c.strip() for c in line.strip().strip("|").split("|")]
+    raise AssertionError(f"README.md has no lesson-table row linking solutions/{stem}.ipynb")
+
+
+def test_header_states_the_run_times_the_readme_gives(lesson):
+    """Each lesson's header gives its measured times, the same ones as the README's lesson table."""
+    header = _source(_cells(lesson)[0])
+    found = RUN_TIME.search(header)
+    assert found, (f"{lesson.name}: the first cell must state '**Run time** (measured on a 2-core CPU): full run "
+                   f"<time> · FAST mode (the tests' setting) <time>.'")
+    row = _readme_row(lesson.stem)  # the table's columns: #, lesson, you build, class, FAST, full, Colab
+    fast, full = row[4], row[5]
+    assert fast.split(" / ")[0] == found["fast"].strip(), (lesson.name, "README:", fast, "header:", found["fast"])
+    assert full == found["full"].strip(), (lesson.name, "README:", full, "header:", found["full"])
