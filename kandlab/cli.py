@@ -236,7 +236,7 @@ def check_png_memory(n: int, size: int, upscale: int) -> None:
     """Refuse an ``--upscale`` whose picture would not fit in memory; the message says the largest that fits."""
     import math
 
-    from kandlab.pipeline import MEMORY_SHARE, _gib, available_memory
+    from kandlab.pipeline import MEMORY_SHARE, available_memory, format_bytes
 
     available = available_memory()
     if available is None or png_bytes(n, size, upscale) <= MEMORY_SHARE * available:
@@ -244,7 +244,7 @@ def check_png_memory(n: int, size: int, upscale: int) -> None:
     height, width = _grid_sides(n, size)
     most = max(1, math.isqrt(max(0, int((MEMORY_SHARE * available / (3 * height * width) - 1) / 2))))
     raise ValueError(f"--upscale={upscale} makes a picture of {width * upscale} × {height * upscale} px that needs "
-                     f"about {_gib(png_bytes(n, size, upscale))} of memory, but only {_gib(available)} is available "
+                     f"about {format_bytes(png_bytes(n, size, upscale))} of memory, but only {format_bytes(available)} is available "
                      f"here: the largest --upscale that fits for {n} image{'s' if n > 1 else ''} is {most}")
 
 

@@ -353,7 +353,8 @@ def available_memory() -> int | None:
         return None
 
 
-def _gib(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """'3.2 GiB' or '480.0 MiB': a memory size for an error message."""
     return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
 
 
@@ -381,8 +382,8 @@ def check_memory(num_images: int, config: UNetConfig, image_size: int, guidance:
         f" and the {steps}-step trajectory" if return_trajectory else "")
     raise ValueError(
         f"{num_images} images at once (prompts × images_per_prompt; -n in kandlab generate) need about "
-        f"{_gib(num_images * per_image)} of memory ({_gib(per_image)} per image: {what} at "
-        f"{image_size}×{image_size}), but only {_gib(available)} is available here: at most {most} images fit. "
+        f"{format_bytes(num_images * per_image)} of memory ({format_bytes(per_image)} per image: {what} at "
+        f"{image_size}×{image_size}), but only {format_bytes(available)} is available here: at most {most} images fit. "
         + (f"Ask for {most} or fewer, or sample in several calls with different seeds." if most else
            "Close other programs to free memory first."))
 

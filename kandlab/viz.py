@@ -18,6 +18,9 @@ from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 from matplotlib.text import Text
 
+from kandlab.course import share_se
+from kandlab.diffusion import out_of_range, overshoot
+
 # ---------------------------------------------------------------------------
 # Readable figures: every lesson figure is checked when a lesson is executed
 
@@ -574,7 +577,7 @@ def plot_guidance_sweep(scales: Sequence[float], scores: Sequence[dict[str, floa
     for k in _CATEGORIES:
         values = [s[k] for s in scores]
         if k == "overall" and n_images:
-            se = [np.sqrt(max(v * (1 - v), 0.0) / n_images) for v in values]
+            se = [share_se(v, n_images) for v in values]
             left.errorbar(scales, values, yerr=se, fmt="o-", lw=2.5, color="black", ms=4, capsize=3,
                           label=f"overall (±1 SE, n = {n_images})")
         else:
@@ -889,10 +892,11 @@ def plot_value_histogram(ax: plt.Axes, values: torch.Tensor, label: str, span: f
     """
     from matplotlib.ticker import LogLocator, NullLocator
 
-    v = values.detach().float().flatten().cpu().numpy()
-    inside = float(np.mean(np.abs(v) <= 1.0))
-    beyond = float(np.mean(np.abs(v) > 1.1))
-    excess = float(np.mean(np.clip(np.abs(v) - 1.0, 0.0, None)))
+    flat = values.detach().float().flatten().cpu()[None]  # (1, N): one "sample" for the diffusion measures
+    v = flat[0].numpy()
+    inside = float(np.mean(np.abs(v) <= 1.0))  # exact (the float32 mean of out_of_range rounds 3/5)
+    beyond = float(out_of_range(flat, 1.1)[0])
+    excess = float(overshoot(flat)[0])
     ax.hist(np.clip(v, -span, span), bins=np.linspace(-span, span, 81), color=color, alpha=0.8, log=True,
             histtype="stepfilled")
     for edge in (-1.0, 1.0):
@@ -932,7 +936,7 @@ def plot_threshold_run(run: dict, title: str = "", n: int = 8) -> plt.Figure:
 def _score_se(run: dict) -> str:
     """'0.92 ± 0.06': a run's ShapesBench overall with its standard error over the run's images."""
     p, n = run["overall"], run["images"].shape[0]
-    return f"{p:.2f} ± {(p * (1 - p) / n) ** 0.5:.2f}"
+    return f"{p:.2f} ± {share_se(p, n):.2f}"
 
 
 def _mosaic(images: torch.Tensor, n: int) -> np.ndarray:
