@@ -135,14 +135,36 @@ def doctor(_: argparse.Namespace) -> int:
     return 0
 
 
-def train_command(args: argparse.Namespace) -> int:
-    from kandlab import train
+def train_movq_command(args: argparse.Namespace) -> int:
+    """``kandlab train movq-tiny``: the autoencoder of lesson 07 (`kandlab.train_movq`)."""
+    from kandlab import train_movq
 
-    if args.recipe not in train.RECIPES:
-        print(f"unknown recipe {args.recipe!r}; choose one of: {', '.join(train.RECIPES)}", file=sys.stderr)
+    if args.continue_shipped:
+        print("--continue-shipped is for the diffusion models; a MoVQ run resumes from runs/<name>/state.pt",
+              file=sys.stderr)
         return 2
+    recipe = train_movq.RECIPES[args.recipe]()
+    if args.steps is not None:
+        recipe.steps = args.steps
+    model, log = train_movq.train(recipe, run_dir=args.run_dir, resume=not args.restart)
+    if args.export:
+        path = train_movq.export(recipe, model, log)
+        _refresh_model_cards()
+        print(f"wrote {path} and its cards ({log['step']} steps in {log['seconds'] / 60:.1f} min)")
+    return 0
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from kandlab import train, train_movq
+
     if args.steps is not None and args.steps < 1:
         print("--steps must be at least 1", file=sys.stderr)
+        return 2
+    if args.recipe in train_movq.RECIPES:
+        return train_movq_command(args)
+    if args.recipe not in train.RECIPES:
+        print(f"unknown recipe {args.recipe!r}; choose one of: {', '.join([*train.RECIPES, *train_movq.RECIPES])}",
+              file=sys.stderr)
         return 2
     staged = train.STAGES.get(args.recipe)
     if staged and args.steps is not None and not args.continue_shipped:
@@ -327,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="pixel-uncond, or pixel-text (all its stages: base, layout, anneal, decay; "
                                   "resumable, state in runs/ per stage), or one later stage of pixel-text on its own: "
                                   "pixel-text-layout, pixel-text-anneal, pixel-text-decay (each continues "
-                                  "data/pixel_text.safetensors, state in runs/<recipe>/)")
+                                  "data/pixel_text.safetensors, state in runs/<recipe>/); movq-tiny (lesson 07's "
+                                  "autoencoder) and latent-text (its latent text-to-image model, after movq-tiny)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     p.add_argument("--run-dir", default="runs", help="where state, logs and sample grids go (default: runs/)")
     p.add_argument("--restart", action="store_true", help="ignore a saved state and start from scratch")

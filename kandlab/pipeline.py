@@ -12,7 +12,9 @@ cross-attention and pooling see nothing.
 
 ``Pipeline`` samples from a trained pair with classifier-free guidance, both
 branches in one batched forward, any sampler of `kandlab.diffusion`, and an
-optional threshold of x̂₀ (lesson 06).
+optional threshold of x̂₀ (lesson 06). Given a MoVQ (lesson 07) it samples *latents*
+and decodes them, as Kandinsky 2.2 and 3 do: ``movq.decode(z / scale)`` without the
+codebook.
 """
 
 from __future__ import annotations
@@ -142,11 +144,30 @@ class Pipeline:
     """
 
     def __init__(self, model: TextToImage, tokenizer: ShapesTokenizer, diffusion: GaussianDiffusion,
-                 image_size: int = 32) -> None:
+                 image_size: int = 32, movq: nn.Module | None = None, latent_scale: float = 1.0) -> None:
+        """``image_size``: the output's side in pixels. With a ``movq`` the UNet runs on latents of side
+        ``image_size / movq.config.downsample_factor``, multiplied by ``latent_scale`` (1.0 as Kandinsky;
+        1/σ of the training latents as Stable Diffusion)."""
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.diffusion = diffusion
         self.image_size = image_size
+        self.movq = movq.eval().requires_grad_(False) if movq is not None else None
+        self.latent_scale = float(latent_scale)
+        if movq is not None and image_size % movq.config.downsample_factor:
+            raise ValueError(f"image_size={image_size} is not divisible by the MoVQ's factor "
+                             f"{movq.config.downsample_factor}")
+
+    @property
+    def sample_size(self) -> int:
+        """Side of what the UNet denoises: the image, or its latent."""
+        return self.image_size // self.movq.config.downsample_factor if self.movq is not None else self.image_size
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, 4, s, s) → images (B, 3, S, S) in [-1, 1]: ``movq.decode(z / scale)``, no codebook
+        (diffusers' ``force_not_quantize=True``, as every Kandinsky 2.2 / 3 pipeline decodes)."""
+        return self.movq.decode(latents / self.latent_scale, quantize=False).clamp(-1, 1)
 
     @classmethod
     def from_tiny(cls, name: str = "pixel_text") -> Pipeline:
@@ -160,7 +181,13 @@ class Pipeline:
         model.load_state_dict(weights.load_tiny_state_dict(f"{name}.safetensors"))
         recipe = card["recipe"]
         tokenizer = ShapesTokenizer.from_shapes(max_length=recipe["max_length"])
-        return cls(model, tokenizer, GaussianDiffusion(schedules.betas_by_name(recipe["schedule"])), recipe["image_size"])
+        movq = None
+        if recipe.get("latent"):
+            from kandlab.train_movq import load_tiny_movq
+
+            movq = load_tiny_movq(recipe["latent"])
+        return cls(model, tokenizer, GaussianDiffusion(schedules.betas_by_name(recipe["schedule"])), recipe["image_size"],
+                   movq=movq, latent_scale=recipe.get("latent_scale") or 1.0)
 
     @torch.no_grad()
     def encode(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +228,7 @@ class Pipeline:
         eta: float = 0.0,
         seed: int = 0,
         images_per_prompt: int = 1,
-        threshold: Literal["static", "dynamic", "none"] = "static",
+        threshold: Literal["static", "dynamic", "none"] | None = None,
         percentile: float = 0.995,
         max_value: float | None = None,
         negative_prompt: str | None = None,
@@ -211,14 +238,23 @@ class Pipeline:
     ):
         """Images (B·images_per_prompt, 3, S, S) in [-1, 1], prompt-major order.
 
+        ``threshold`` (of x̂₀, lesson 06): None = ``"static"`` (clip to [-1, 1]) for a pixel model,
+        ``"none"`` for a latent model, whose latents have no fixed range. A latent pipeline's
+        ``return_trajectory`` gives the latents (decode them with `decode`).
+
         ``start="noise"`` begins from N(0, I) as Kandinsky 3 and diffusers do;
         ``"data_mean"`` begins from the forward marginal around the shapes world's
         mean pixel (`shapes.dataset_mean`), which removes the sampler's bias
         towards too much foreground (lesson 02, "signal leak").
         """
+        if threshold is None:
+            threshold = "static" if self.movq is None else "none"
         check_sampling_args(steps, guidance, sampler, images_per_prompt, threshold, start)
+        if self.movq is not None and start != "noise":
+            raise ValueError(f"start={start!r}: a latent model starts from N(0, I) (start='noise'); the data-mean "
+                             "start of lesson 02 is a pixel-space idea")
         prompts = check_prompts(prompts, self.tokenizer)
-        check_memory(len(prompts) * images_per_prompt, self.model.unet.config, self.image_size, guidance, steps,
+        check_memory(len(prompts) * images_per_prompt, self.model.unet.config, self.sample_size, guidance, steps,
                      return_trajectory)  # a batch is sampled at once: refuse what cannot fit, before any work
         prompts = [p for p in prompts for _ in range(images_per_prompt)]
         text, mask = self._encode_checked(prompts)  # (B, L, D), (B, L); prompts checked above
@@ -229,11 +265,14 @@ class Pipeline:
         x0_fn = {"static": static_threshold, "none": None,
                  "dynamic": lambda x0: dynamic_threshold(x0, percentile, max_value)}[threshold]
         g = torch.Generator().manual_seed(seed)
-        shape = (len(prompts), self.model.unet.config.in_channels, self.image_size, self.image_size)
+        shape = (len(prompts), self.model.unet.config.in_channels, self.sample_size, self.sample_size)
         out = self.diffusion.sample(self.eps_fn(text, mask, guidance, negative), shape, num_steps=steps,
                                     method=sampler, eta=eta, generator=g, x0_fn=x0_fn, progress=progress,
-                                    return_trajectory=return_trajectory, start_mean=start_mean(start, self.image_size))
-        return out if return_trajectory else out.clamp(-1, 1)
+                                    return_trajectory=return_trajectory,
+                                    start_mean=None if self.movq is not None else start_mean(start, self.image_size))
+        if return_trajectory:
+            return out
+        return self.decode(out) if self.movq is not None else out.clamp(-1, 1)
 
 
 def check_sampling_args(steps: int, guidance: float, sampler: str, images_per_prompt: int = 1,

@@ -11,6 +11,8 @@ Every shipped checkpoint is rebuilt by one command::
     kandlab train pixel-uncond        # lesson 02's unconditional 32×32 model
     kandlab train pixel-text          # lessons 04-06's text-to-image model: its T5 pretraining and its
                                       # four stages (base, layout, anneal, decay; `STAGES`, `rebuild`)
+    kandlab train movq-tiny           # lesson 07's tiny MoVQ (`kandlab.train_movq`)
+    kandlab train latent-text         # lesson 07's latent text-to-image model (needs movq_tiny and pixel_text)
 
 A staged rebuild keeps each stage's state in its own folder (``runs/pixel_text/`` for the first stage,
 ``runs/pixel-text-<stage>/pixel_text/`` for the later ones, each with the stage's scores in
@@ -88,6 +90,10 @@ class Recipe:
     max_length: int = 16  # tokens per caption, padding included
     guidance: float = 4.0  # guidance scale s of the periodic grids and the exported score
     n_score: int = 512  # fixed prompts (or samples) behind the exported ShapesBench numbers
+    text_from: str | None = None  # a shipped text model whose T5 this recipe reuses, frozen (no pretraining)
+    # latent diffusion (lesson 07): the UNet denoises latents of this shipped MoVQ; image_size stays the pixel size
+    latent: str | None = None  # e.g. "movq_tiny"
+    latent_scale: float = 1.0  # z ↦ scale·z before diffusion: 1.0 as Kandinsky, 1/σ as Stable Diffusion
 
     def __post_init__(self) -> None:
         # fail when the recipe is made, not after rendering the training set
@@ -96,6 +102,9 @@ class Recipe:
             raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {self.lr_decay!r}")
         if not 0.0 <= self.p_relation <= 1.0:
             raise ValueError(f"p_relation is the fraction of two-group captions, in [0, 1]; got {self.p_relation}")
+        if self.text_from is not None and (self.text is None or self.text_pretrain_steps):
+            raise ValueError(f"text_from={self.text_from!r} reuses a shipped T5: it needs text=T5Config(...) and "
+                             "text_pretrain_steps=0")
         if self.text_pretrain_steps < 0 or (self.text_pretrain_steps and self.text is None):
             raise ValueError(f"text_pretrain_steps={self.text_pretrain_steps}: use 0 (joint T5, or no text) or a "
                              "positive number of steps for a text recipe (pretrained, then frozen T5)")
@@ -103,7 +112,7 @@ class Recipe:
     @property
     def frozen_text(self) -> bool:
         """Whether the T5 is pretrained on captions and frozen (Imagen) rather than trained jointly (GLIDE)."""
-        return self.text_pretrain_steps > 0
+        return self.text_pretrain_steps > 0 or self.text_from is not None
 
     def betas(self) -> torch.Tensor:
         return schedules.betas_by_name(self.schedule)
@@ -208,7 +217,7 @@ def pixel_text_decay() -> Recipe:
 
 
 RECIPES = {"pixel-uncond": pixel_uncond, "pixel-text": pixel_text, "pixel-text-layout": pixel_text_layout,
-           "pixel-text-anneal": pixel_text_anneal, "pixel-text-decay": pixel_text_decay}
+           "pixel-text-anneal": pixel_text_anneal, "pixel-text-decay": pixel_text_decay, "latent-text": latent_text}
 CONTINUATIONS = ("pixel-text-layout", "pixel-text-anneal", "pixel-text-decay")  # recipes that continue the shipped checkpoint of their name
 # The shipped models trained in stages, each stage (name, recipe) in order: ``kandlab train <model>`` runs them all
 # (`rebuild`). Stage k > 0 continues stage k - 1's EMA weights; its state goes to runs/<model>-<stage name>/.
@@ -218,6 +227,41 @@ STAGES = {"pixel-text": (("base", pixel_text), ("layout", pixel_text_layout), ("
 
 # ---------------------------------------------------------------------------
 # Pieces of the loop
+
+
+LATENT_SCALE = 1.0  # placeholder, set from the measured σ of the movq_tiny latents
+
+def latent_text() -> Recipe:
+    """Lesson 07: the same Kandinsky 3 UNet, with 4 input channels, on the latents of the shipped tiny MoVQ
+    (64×64 shapes → 4×16×16), conditioned on the shipped pixel_text's frozen T5.
+
+    One stage, with what the pixel model's four stages taught from the start: most time steps at high
+    noise (logit-normal), Min-SNR-5, three in four captions with a relation, and a learning rate that
+    decays to zero at the last step.
+    """
+    return Recipe(
+        name="latent_text",
+        unet=UNetConfig.tiny_latent(out_channels=4),
+        text=T5Config.tiny(vocab_size=ShapesTokenizer.from_shapes().vocab_size),
+        text_from="pixel_text",
+        latent="movq_tiny",
+        latent_scale=LATENT_SCALE,
+        image_size=64,
+        steps=8000,
+        lr=6e-4,
+        warmup=200,
+        lr_decay="cosine",
+        min_snr_gamma=5.0,
+        t_sampling="logit_normal",
+        t_logit_mean=1.0,
+        p_relation=0.75,
+        num_images=40_000,
+        threads=1,
+        sample_every=1000,
+        save_every=250,
+        description="Text-conditioned tiny Kandinsky-3 UNet on the 4×16×16 latents of the tiny MoVQ (64×64 shapes), "
+                    "with pixel_text's frozen T5 (lesson 07).",
+    )
 
 
 def training_data(recipe: Recipe) -> shapes.ShapesDataset:
@@ -232,10 +276,42 @@ def render_training_set(recipe: Recipe) -> tuple[torch.Tensor, dict[str, torch.T
     data = training_data(recipe)
     items = [data[i] for i in tqdm(range(len(data)), desc="rendering shapes", leave=False)]
     images = torch.stack([image for image, _ in items])
+    if recipe.latent is not None:
+        images = encode_latents(recipe, images)  # (N, 4, S/f, S/f)
     tokens = None
     if recipe.text is not None:
         tokens = ShapesTokenizer.from_shapes(max_length=recipe.max_length)([c for _, c in items])
     return images, tokens
+
+
+@torch.no_grad()
+def encode_latents(recipe: Recipe, images: torch.Tensor, batch: int = 250) -> torch.Tensor:
+    """Images (N, 3, S, S) → scaled MoVQ latents ``scale · encode(x)`` (N, 4, S/f, S/f), not quantised
+    (the latents Kandinsky's UNet is trained on)."""
+    from kandlab.train_movq import load_tiny_movq
+
+    movq = load_tiny_movq(recipe.latent)
+    return torch.cat([movq.encode(images[i:i + batch]) * recipe.latent_scale
+                      for i in tqdm(range(0, len(images), batch), desc="encoding latents", leave=False)])
+
+
+def recipe_pipeline(recipe: Recipe, model: TextToImage, diffusion: GaussianDiffusion) -> Pipeline:
+    """The sampling pipeline of a text recipe (with its MoVQ for a latent recipe)."""
+    movq = None
+    if recipe.latent is not None:
+        from kandlab.train_movq import load_tiny_movq
+
+        movq = load_tiny_movq(recipe.latent)
+    return Pipeline(model, ShapesTokenizer.from_shapes(max_length=recipe.max_length), diffusion, recipe.image_size,
+                    movq=movq, latent_scale=recipe.latent_scale)
+
+
+def reuse_text_encoder(recipe: Recipe, model: TextToImage) -> dict:
+    """Load the T5 of the shipped ``recipe.text_from`` into ``model.t5`` and freeze it. Returns the card's note."""
+    state = weights.load_tiny_state_dict(f"{recipe.text_from}.safetensors")
+    model.t5.load_state_dict({k.removeprefix("t5."): v for k, v in state.items() if k.startswith("t5.")})
+    model.t5.requires_grad_(False)
+    return {"from": recipe.text_from, "sha256": weights.read_manifest().get(f"{recipe.text_from}.safetensors")}
 
 
 def build_model(recipe: Recipe) -> UNet | TextToImage:
@@ -381,7 +457,7 @@ def periodic_grid(recipe: Recipe, model: UNet | TextToImage, diffusion: Gaussian
     """The progress grid: unconditional samples, or the first score prompts with guidance."""
     if recipe.text is None:
         return sample_images(model, diffusion, n=recipe.grid_samples, steps=recipe.grid_steps, size=recipe.image_size)
-    pipe = Pipeline(model, ShapesTokenizer.from_shapes(max_length=recipe.max_length), diffusion, recipe.image_size)
+    pipe = recipe_pipeline(recipe, model, diffusion)
     return pipe(score_prompts(recipe.grid_samples), steps=recipe.grid_steps, guidance=recipe.guidance, progress=False)
 
 
@@ -451,7 +527,10 @@ def train(recipe: Recipe, run_dir: Path | str = "runs", steps: int | None = None
         log["stage"] = stage
     since = log["earlier"]["steps"] if "earlier" in log else 0
     if recipe.frozen_text and log["step"] == 0:
-        log["text_pretrain"] = pretrain_text(recipe, model, progress)
+        if recipe.text_from is not None:
+            log["text_reused"] = reuse_text_encoder(recipe, model)
+        else:
+            log["text_pretrain"] = pretrain_text(recipe, model, progress)
         ema.t5.load_state_dict(model.t5.state_dict())  # the EMA of a frozen encoder is the encoder
 
     # Rendering 20k images takes ~10 s: skip it when a resumed run has nothing left to do.
@@ -503,13 +582,14 @@ def score_model(recipe: Recipe, model: UNet | TextToImage, diffusion: GaussianDi
     sampler (DDIM, ``recipe.guidance``, static threshold), in batches of 64.
     ``start`` is the sampler's start (N(0, I) or around the data mean).
     """
-    sampler = f"DDIM {recipe.grid_steps} steps, eta 0, static threshold, start {start}, seed 1234"
+    sampler = (f"DDIM {recipe.grid_steps} steps, eta 0, {'no' if recipe.latent else 'static'} threshold, "
+               f"start {start}, seed 1234")
     if recipe.text is None:
         samples = sample_images(model, diffusion, n=n, steps=recipe.grid_steps, seed=1234, size=recipe.image_size,
                                 start=start)
         stats = shapes.unconditional_stats(samples)
         return {**{f"shapesbench_{k}": round(v, 4) for k, v in stats.items()}, "samples": n, "sampler": sampler}, samples
-    pipe = Pipeline(model, ShapesTokenizer.from_shapes(max_length=recipe.max_length), diffusion, recipe.image_size)
+    pipe = recipe_pipeline(recipe, model, diffusion)
     prompts = score_prompts(n)
     chunks = [pipe(prompts[i:i + 64], steps=recipe.grid_steps, guidance=recipe.guidance, seed=1234 + i,
                    start=start, progress=False) for i in tqdm(range(0, n, 64), desc="ShapesBench", leave=False)]
@@ -526,7 +606,7 @@ def score_relations(recipe: Recipe, model: TextToImage, diffusion: GaussianDiffu
     """`shapes.relation_shift` of a text model on the two-group prompts among the first ``n`` score
     prompts — each drawn as written and with its relation swapped, from the same noise — and of the
     shapes world itself (the same prompts rendered with the same layout seed), for reference."""
-    pipe = Pipeline(model, ShapesTokenizer.from_shapes(max_length=recipe.max_length), diffusion, recipe.image_size)
+    pipe = recipe_pipeline(recipe, model, diffusion)
     two = [p for p in score_prompts(n) if shapes.parse_caption(p).relation]
     swapped = [shapes.swap_relation(p) for p in two]
     drawn = [pipe(batch, steps=steps, guidance=recipe.guidance, seed=7, progress=False) if two else []
@@ -534,7 +614,8 @@ def score_relations(recipe: Recipe, model: TextToImage, diffusion: GaussianDiffu
     rendered = [[shapes.render(shapes.parse_caption(p), recipe.image_size, i) for i, p in enumerate(batch)]
                 for batch in (two, swapped)]
     return {"model": shapes.relation_shift(two, *drawn), "data": shapes.relation_shift(two, *rendered),
-            "sampler": f"DDIM {steps} steps, guidance {recipe.guidance}, static threshold, start noise, seed 7",
+            "sampler": f"DDIM {steps} steps, guidance {recipe.guidance}, {'no' if recipe.latent else 'static'} "
+                       "threshold, start noise, seed 7",
             "prompts": f"the two-group prompts among score_prompts({n})"}
 
 
@@ -560,6 +641,8 @@ def _run_facts(recipe: Recipe, log: dict) -> dict:
         "loss_curve_every_25_steps": curve,
         "hardware": stage["hardware"],
     }
+    if "text_reused" in log:
+        facts["text_reused"] = log["text_reused"]  # a shipped T5, frozen from step 0
     if "text_pretrain" in log:
         facts["text_pretrain"] = log["text_pretrain"]  # the T5's stage before the UNet's (frozen after it)
     if not earlier and "stage" in log:  # the first of named stages (`rebuild`): the card lists it as one
@@ -592,12 +675,14 @@ def export(recipe: Recipe, ema: UNet | TextToImage, log: dict, out_dir: Path | N
 
     torch.set_num_threads(os.cpu_count() or 1)  # training is over: scoring (sampling) may have every core
     diffusion = GaussianDiffusion(recipe.betas())
-    score, _ = score_model(recipe, ema, diffusion, recipe.n_score, start="noise")
-    score_leak, samples = score_model(recipe, ema, diffusion, recipe.n_score, start="data_mean")
+    score, samples = score_model(recipe, ema, diffusion, recipe.n_score, start="noise")
+    score_leak = None  # the data-mean start (lesson 02) is a pixel-space idea: not for a latent model
+    if recipe.latent is None:
+        score_leak, samples = score_model(recipe, ema, diffusion, recipe.n_score, start="data_mean")
     title = f"{recipe.name}: DDIM {recipe.grid_steps} steps, start around the data mean, seed 1234"
     if recipe.text is not None:
         title = (f"{recipe.name}: DDIM {recipe.grid_steps} steps, guidance {recipe.guidance}, "
-                 "start around the data mean, first prompts")
+                 f"{'start N(0, I)' if recipe.latent else 'start around the data mean'}, first prompts")
     save_grid(samples[:64], out / f"{recipe.name}.png", title)
     card = {
         "name": recipe.name,
@@ -606,7 +691,7 @@ def export(recipe: Recipe, ema: UNet | TextToImage, log: dict, out_dir: Path | N
         "parameters": sum(p.numel() for p in ema.parameters()),
         **_run_facts(recipe, log),
         "score": score,  # the diffusers / Kandinsky 3 start: x_T ~ N(0, I)
-        "score_data_mean_start": score_leak,  # start around shapes.dataset_mean (lesson 02)
+        **({"score_data_mean_start": score_leak} if score_leak is not None else {}),  # start around the data mean
         **({"relation_shift": score_relations(recipe, ema, diffusion, min(recipe.n_score, 128))}
            if recipe.text is not None else {}),
         "rebuild": _rebuild(recipe, log, command),
