@@ -63,7 +63,8 @@ UNCOND_METRICS = ["shapesbench_plausible", "shapesbench_recognised", "shapesbenc
 # Recipe fields a reader needs, in reading order (the rest of the recipe is in the JSON).
 RECIPE_FIELDS = ["steps", "batch_size", "lr", "warmup", "lr_decay", "ema_decay", "schedule", "min_snr_gamma",
                  "t_sampling", "t_logit_mean", "p_relation", "cond_dropout", "text_pretrain_steps", "num_images",
-                 "image_size", "max_length", "guidance", "seed", "threads"]
+                 "image_size", "max_length", "guidance", "seed", "threads", "text_from", "latent", "latent_scale",
+                 "crop", "betas", "restart_every"]
 PROSE_FIELDS = ("summary", "intended_use", "training_data", "sample_grid", "stage_notes", "hardware_note",
                 "score_reference", "known_failure_modes", "history", "rebuild_note")
 
@@ -221,6 +222,36 @@ def _scores_section(card: dict, source: dict, cards: dict | None) -> list[str]:
     return out
 
 
+def _pm(pair: list[float], digits: int = 1) -> str:
+    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+
+def _movq_section(card: dict) -> list[str]:
+    """An autoencoder's measurements (`kandlab.train_movq.evaluate`): reconstruction, codebook, latents."""
+    arms = [("shipped", card["eval"])] + [(label, e) for label, e in card.get("comparison", {}).items()]
+    ev = card["eval"]
+    out = [f"Held-out images: {ev['images']}; photos: {ev['photos']}. PSNR in dB (mean ± standard error over the "
+           "images), peak-to-peak 2 for images in [-1, 1]; ShapesBench overall of the reconstructions with the "
+           "originals' own captions (the originals score "
+           f"{ev['shapesbench_originals']['overall']:.2f}).", ""]
+    rows = []
+    for label, e in arms:
+        book = e["codebook"]
+        rows.append([label, _pm(e["psnr_shapes_quantized"]), _pm(e["psnr_shapes_not_quantized"]),
+                     _pm(e["psnr_photos"]), f"{e['shapesbench_quantized']['overall']:.3f}",
+                     f"{book['perplexity']:.1f} of {book['codes']}", f"{book['dead_share']:.1%}",
+                     f"{e['latent_std']:.3f}"])
+    out += _table(["model", "PSNR shapes (codebook)", "PSNR shapes (no codebook)", "PSNR photos", "ShapesBench",
+                   "perplexity", "dead codes", "latent σ"], rows) + [""]
+    out += ["- **codebook / no codebook**: decoded through the nearest codes, or from the encoder's latents "
+            "directly (`decode(z, quantize=False)`, what the Kandinsky pipelines do).",
+            "- **perplexity**: exp of the entropy of the code frequencies on the held-out shapes; equal to the "
+            "codebook size when every code is used equally. **dead codes**: never chosen.",
+            "- **latent σ**: standard deviation of the (unquantised) latents, which sets the latent model's scale.",
+            ""]
+    return out
+
+
 def _confusion(matrix: list[list[int]], caption: str) -> list[str]:
     drawn = len(matrix[0])
     columns = ["asked \\ drawn"] + [str(j) if j < drawn - 1 else f"{j}+" for j in range(drawn)] + ["right"]
@@ -355,6 +386,8 @@ def model_card(card: dict, cards: dict[str, dict] | None = None) -> str:
         out += [f"UNet (`kandlab.unet.UNetConfig`): {_config_line(card['unet_config'])}.", ""]
     if "t5_config" in card:
         out += [f"T5 encoder (`kandlab.t5.T5Config`): {_config_line(card['t5_config'])}.", ""]
+    if "movq_config" in card:
+        out += [f"MoVQ (`kandlab.movq.MoVQConfig`): {_config_line(card['movq_config'])}.", ""]
     out += [f"Parameters in all: {card['parameters']:,}.", ""]
 
     # Data and recipe
@@ -363,7 +396,8 @@ def model_card(card: dict, cards: dict[str, dict] | None = None) -> str:
     out += ["## Recipe", ""]
     recipe = card.get("recipe")
     if recipe:
-        out += [f"Recipe `{recipe['name']}` (`kandlab.train`), as the card records it"
+        out += [f"Recipe `{recipe['name']}` (`{'kandlab.train_movq' if 'movq_config' in card else 'kandlab.train'}`), "
+                "as the card records it"
                 + (" (the last stage's settings; the stages below)" if card.get("stages") else "") + ": "
                 + ", ".join(f"{k} {json.dumps(recipe[k])}" for k in RECIPE_FIELDS if k in recipe) + ".", ""]
     pre = card.get("text_pretrain")
@@ -396,6 +430,8 @@ def model_card(card: dict, cards: dict[str, dict] | None = None) -> str:
     if card.get("hardware_note"):
         out += [fill(card["hardware_note"], card, cards), ""]
 
+    if "eval" in card:
+        out += ["## Reconstruction and codebook", ""] + _movq_section(card)
     scores = _scores_section(card, own, cards)
     if scores:
         out += ["## Scores", ""]

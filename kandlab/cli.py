@@ -215,6 +215,7 @@ def _refresh_model_cards() -> None:
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+LATENT_FACTOR = 4  # pixels per latent pixel of the tiny MoVQ (MoVQConfig.tiny().downsample_factor)
 
 
 def _check_output_path(path: str) -> Path:
@@ -308,7 +309,8 @@ def generate_command(args: argparse.Namespace) -> int:
         card = weights.load_card(f"{args.model}.safetensors")
         if "unet_config" in card:  # memory: from the card's config, before loading the weights (from_tiny
             size = card["recipe"]["image_size"]  # refuses a card without one)
-            check_memory(args.num_images, UNetConfig(**card["unet_config"]), size, args.guidance, args.steps)
+            side = size // LATENT_FACTOR if card["recipe"].get("latent") else size  # what the UNet denoises
+            check_memory(args.num_images, UNetConfig(**card["unet_config"]), side, args.guidance, args.steps)
             check_png_memory(args.num_images, size, args.upscale)
         pipe = Pipeline.from_tiny(args.model)
     except (ValueError, TypeError, FileNotFoundError) as err:

@@ -61,6 +61,7 @@ class MoVQConfig:
     norm_num_groups: int = 32
     beta: float = 0.25  # weight of the codebook term in the VQ loss (see `vq_loss`)
     mid_attention: bool = True
+    spatial_norm: bool = True  # False: a plain VQGAN decoder (GroupNorm; diffusers' norm_type="group"), for comparison
 
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
@@ -263,11 +264,13 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, latent_channels, h, w) and the quantised latent zq → (B, 3, h·f, w·f); every norm is a SpatialNorm of zq."""
+    """(B, latent_channels, h, w) and the quantised latent zq → (B, 3, h·f, w·f); every norm is a SpatialNorm of zq
+    (a plain GroupNorm, ignoring zq, when ``config.spatial_norm`` is False)."""
 
     def __init__(self, config: MoVQConfig) -> None:
         super().__init__()
-        ch, g, d = tuple(reversed(config.block_out_channels)), config.norm_num_groups, config.vq_embed_dim
+        ch, g = tuple(reversed(config.block_out_channels)), config.norm_num_groups
+        d = config.vq_embed_dim if config.spatial_norm else None
         attention = tuple(reversed(config.attention))
         self.conv_in = nn.Conv2d(config.latent_channels, ch[0], 3, padding=1)
         self.mid = MidBlock(ch[0], g, config.mid_attention, zq_channels=d)
@@ -275,14 +278,15 @@ class Decoder(nn.Module):
             Level(ch[max(i - 1, 0)], ch[i], config.layers_per_block + 1, attention[i],
                   "up" if i < len(ch) - 1 else None, g, zq_channels=d)
             for i in range(len(ch)))
-        self.norm_out = SpatialNorm(ch[-1], d)
+        self.norm_out = SpatialNorm(ch[-1], d) if d is not None else nn.GroupNorm(g, ch[-1], eps=EPS)
         self.conv_out = nn.Conv2d(ch[-1], config.out_channels, 3, padding=1)
 
-    def forward(self, h: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, zq: torch.Tensor | None) -> torch.Tensor:
         h = self.mid(self.conv_in(h), zq)  # (B, ch[-1], h, w)
         for level in self.levels:
             h = level(h, zq)  # doubles H, W except at the last level
-        return self.conv_out(F.silu(self.norm_out(h, zq)))  # (B, 3, H, W)
+        h = self.norm_out(h, zq) if isinstance(self.norm_out, SpatialNorm) else self.norm_out(h)
+        return self.conv_out(F.silu(h))  # (B, 3, H, W)
 
 
 # --------------------------------------------------------------------------------------
@@ -496,9 +500,9 @@ def _load_report(config: MoVQConfig, missing: list, unexpected: list, shape_erro
 def config_from_diffusers(cfg) -> MoVQConfig:
     """Our config for a diffusers ``VQModel`` config (object or dict)."""
     get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
-    if get("norm_type", "group") != "spatial":
-        raise ValueError("kandlab's MoVQ is diffusers' VQModel with norm_type='spatial'; this config has "
-                         f"norm_type={get('norm_type', 'group')!r}.")
+    if get("norm_type", "group") not in ("spatial", "group"):
+        raise ValueError("kandlab's MoVQ is diffusers' VQModel with norm_type='spatial' (or 'group', a plain VQGAN "
+                         f"decoder); this config has norm_type={get('norm_type')!r}.")
     down = list(get("down_block_types"))
     up = list(get("up_block_types"))
     attention = tuple(t.startswith("Attn") for t in down)
@@ -513,7 +517,8 @@ def config_from_diffusers(cfg) -> MoVQConfig:
                       out_channels=get("out_channels", 3), latent_channels=latent,
                       num_vq_embeddings=get("num_vq_embeddings"),
                       vq_embed_dim=get("vq_embed_dim") or latent, norm_num_groups=get("norm_num_groups", 32),
-                      mid_attention=get("mid_block_add_attention", True))
+                      mid_attention=get("mid_block_add_attention", True),
+                      spatial_norm=get("norm_type", "group") == "spatial")
 
 
 def to_diffusers_config(config: MoVQConfig) -> dict:
@@ -526,7 +531,8 @@ def to_diffusers_config(config: MoVQConfig) -> dict:
                              for j in range(n)),
         block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
         latent_channels=config.latent_channels, num_vq_embeddings=config.num_vq_embeddings,
-        vq_embed_dim=config.vq_embed_dim, norm_num_groups=config.norm_num_groups, norm_type="spatial",
+        vq_embed_dim=config.vq_embed_dim, norm_num_groups=config.norm_num_groups,
+        norm_type="spatial" if config.spatial_norm else "group",
         mid_block_add_attention=config.mid_attention)
 
 
@@ -581,15 +587,19 @@ def diffusers_key_map(config: MoVQConfig) -> list[tuple[str, str]]:
     pairs += _conv("encoder.norm_out", "encoder.conv_norm_out") + _conv("encoder.conv_out", "encoder.conv_out")
     pairs += _conv("quant_conv", "quant_conv") + [("quantizer.codebook.weight", "quantize.embedding.weight")]
     pairs += _conv("post_quant_conv", "post_quant_conv") + _conv("decoder.conv_in", "decoder.conv_in")
-    pairs += _mid("decoder.mid", "decoder.mid_block", ch[-1], config.mid_attention, True)
+    spatial = config.spatial_norm
+    pairs += _mid("decoder.mid", "decoder.mid_block", ch[-1], config.mid_attention, spatial)
     rch = tuple(reversed(ch))
     for i in range(n):  # decoder levels coarse → fine = diffusers' up_blocks
         for j in range(lpb + 1):
             c_in = rch[max(i - 1, 0)] if j == 0 else rch[i]
-            pairs += _resnet(f"decoder.levels.{i}.resnets.{j}", f"decoder.up_blocks.{i}.resnets.{j}", c_in, rch[i], True)
+            pairs += _resnet(f"decoder.levels.{i}.resnets.{j}", f"decoder.up_blocks.{i}.resnets.{j}", c_in, rch[i],
+                             spatial)
             if config.attention[n - 1 - i]:
-                pairs += _attention(f"decoder.levels.{i}.attentions.{j}", f"decoder.up_blocks.{i}.attentions.{j}", True)
+                pairs += _attention(f"decoder.levels.{i}.attentions.{j}", f"decoder.up_blocks.{i}.attentions.{j}",
+                                    spatial)
         if i < n - 1:
             pairs += _conv(f"decoder.levels.{i}.resample.conv", f"decoder.up_blocks.{i}.upsamplers.0.conv")
-    pairs += _spatial_norm("decoder.norm_out", "decoder.conv_norm_out") + _conv("decoder.conv_out", "decoder.conv_out")
+    pairs += (_spatial_norm("decoder.norm_out", "decoder.conv_norm_out") if spatial
+              else _conv("decoder.norm_out", "decoder.conv_norm_out")) + _conv("decoder.conv_out", "decoder.conv_out")
     return pairs

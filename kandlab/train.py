@@ -216,20 +216,9 @@ def pixel_text_decay() -> Recipe:
     return dataclasses.replace(pixel_text_anneal(), steps=11_500, lr_decay="cosine", t_logit_mean=1.5)
 
 
-RECIPES = {"pixel-uncond": pixel_uncond, "pixel-text": pixel_text, "pixel-text-layout": pixel_text_layout,
-           "pixel-text-anneal": pixel_text_anneal, "pixel-text-decay": pixel_text_decay, "latent-text": latent_text}
-CONTINUATIONS = ("pixel-text-layout", "pixel-text-anneal", "pixel-text-decay")  # recipes that continue the shipped checkpoint of their name
-# The shipped models trained in stages, each stage (name, recipe) in order: ``kandlab train <model>`` runs them all
-# (`rebuild`). Stage k > 0 continues stage k - 1's EMA weights; its state goes to runs/<model>-<stage name>/.
-STAGES = {"pixel-text": (("base", pixel_text), ("layout", pixel_text_layout), ("anneal", pixel_text_anneal),
-                         ("decay", pixel_text_decay))}
-
-
-# ---------------------------------------------------------------------------
-# Pieces of the loop
-
-
-LATENT_SCALE = 1.0  # placeholder, set from the measured σ of the movq_tiny latents
+# Stable Diffusion's choice, 1/σ: σ = 0.431 is the standard deviation of the shipped movq_tiny's latents of 512
+# held-out shapes images (its card: eval.latent_std; tests/test_latent.py checks they agree).
+LATENT_SCALE = 2.32
 
 def latent_text() -> Recipe:
     """Lesson 07: the same Kandinsky 3 UNet, with 4 input channels, on the latents of the shipped tiny MoVQ
@@ -264,6 +253,19 @@ def latent_text() -> Recipe:
     )
 
 
+RECIPES = {"pixel-uncond": pixel_uncond, "pixel-text": pixel_text, "pixel-text-layout": pixel_text_layout,
+           "pixel-text-anneal": pixel_text_anneal, "pixel-text-decay": pixel_text_decay, "latent-text": latent_text}
+CONTINUATIONS = ("pixel-text-layout", "pixel-text-anneal", "pixel-text-decay")  # recipes that continue the shipped checkpoint of their name
+# The shipped models trained in stages, each stage (name, recipe) in order: ``kandlab train <model>`` runs them all
+# (`rebuild`). Stage k > 0 continues stage k - 1's EMA weights; its state goes to runs/<model>-<stage name>/.
+STAGES = {"pixel-text": (("base", pixel_text), ("layout", pixel_text_layout), ("anneal", pixel_text_anneal),
+                         ("decay", pixel_text_decay))}
+
+
+# ---------------------------------------------------------------------------
+# Pieces of the loop
+
+
 def training_data(recipe: Recipe) -> shapes.ShapesDataset:
     """The fixed training world of a recipe: ``num_images`` items of ``ShapesDataset(seed)``."""
     return shapes.ShapesDataset(size=recipe.image_size, seed=recipe.seed, length=recipe.num_images,
@@ -291,8 +293,13 @@ def encode_latents(recipe: Recipe, images: torch.Tensor, batch: int = 250) -> to
     from kandlab.train_movq import load_tiny_movq
 
     movq = load_tiny_movq(recipe.latent)
-    return torch.cat([movq.encode(images[i:i + batch]) * recipe.latent_scale
-                      for i in tqdm(range(0, len(images), batch), desc="encoding latents", leave=False)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # once per run, before training: every core
+    try:
+        return torch.cat([movq.encode(images[i:i + batch]) * recipe.latent_scale
+                          for i in tqdm(range(0, len(images), batch), desc="encoding latents", leave=False)])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def recipe_pipeline(recipe: Recipe, model: TextToImage, diffusion: GaussianDiffusion) -> Pipeline:

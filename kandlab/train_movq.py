@@ -58,6 +58,7 @@ class MoVQRecipe:
     threads: int = 1
     n_eval: int = 512  # held-out images behind the card's numbers
     description: str = ""
+    compare_to: str | None = None  # an ablation arm: its numbers go into this shipped card's "comparison", no weights
 
 
 def movq_tiny() -> MoVQRecipe:
@@ -66,11 +67,17 @@ def movq_tiny() -> MoVQRecipe:
 
 
 def movq_tiny_no_restart() -> MoVQRecipe:
-    return MoVQRecipe(name="movq_tiny_no_restart", restart_every=None,
-                      description="The tiny MoVQ without dead-code restarts: the card's comparison, not shipped.")
+    return MoVQRecipe(name="movq_tiny_no_restart", restart_every=None, compare_to="movq_tiny",
+                      description="without dead-code restarts")
 
 
-RECIPES = {"movq-tiny": movq_tiny, "movq-tiny-no-restart": movq_tiny_no_restart}
+def movq_tiny_groupnorm() -> MoVQRecipe:
+    return MoVQRecipe(name="movq_tiny_groupnorm", config=MoVQConfig.tiny(spatial_norm=False), compare_to="movq_tiny",
+                      description="plain GroupNorm decoder (a VQGAN, not a MoVQ)")
+
+
+RECIPES = {"movq-tiny": movq_tiny, "movq-tiny-no-restart": movq_tiny_no_restart,
+           "movq-tiny-groupnorm": movq_tiny_groupnorm}  # the last two: the card's comparison arms
 
 
 def render(size: int, seed: int, n: int, p_relation: float = 0.75, progress: bool = False) -> torch.Tensor:
@@ -224,12 +231,23 @@ def evaluate(model: MoVQ, n: int = 512, size: int = 64, seed: int = 2024) -> dic
 
 
 def export(recipe: MoVQRecipe, model: MoVQ, log: dict, out_dir: Path | None = None) -> Path:
-    """Write ``<name>.safetensors`` and its JSON card (keeping the prose of the card it replaces); refresh the manifest."""
+    """Write ``<name>.safetensors`` and its JSON card (keeping the prose and the comparison arms of the card it
+    replaces); refresh the manifest. An arm (``recipe.compare_to``) only adds its numbers to that card."""
     from safetensors.torch import save_file
 
     from kandlab import cards
 
     out = out_dir or weights.data_dir()
+    if recipe.compare_to is not None:
+        card_path = out / f"{recipe.compare_to}.json"
+        card = json.loads(card_path.read_text())
+        card.setdefault("comparison", {})[recipe.description] = {
+            **evaluate(model, recipe.n_eval, recipe.image_size), "recipe": recipe.name, "steps": log["step"],
+            "wall_time_seconds": round(log["seconds"], 1), "codes_restarted": log["restarted"],
+            "rebuild": f"kandlab train {recipe.name.replace('_', '-')}"}
+        card_path.write_text(json.dumps(card, indent=2) + "\n")
+        weights.write_manifest(out)
+        return card_path
     path = out / f"{recipe.name}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     recipe_dict = asdict(recipe)
@@ -253,6 +271,8 @@ def export(recipe: MoVQRecipe, model: MoVQ, log: dict, out_dir: Path | None = No
     }
     card_path = out / f"{recipe.name}.json"
     old = json.loads(card_path.read_text()) if card_path.exists() else None
+    if old and "comparison" in old:
+        card["comparison"] = old["comparison"]  # the arms' numbers (`compare_to`) stay
     card_path.write_text(json.dumps(cards.keep_prose(card, old), indent=2) + "\n")
     weights.write_manifest(out)
     return path
@@ -260,9 +280,10 @@ def export(recipe: MoVQRecipe, model: MoVQ, log: dict, out_dir: Path | None = No
 
 def load_tiny_movq(name: str = "movq_tiny") -> MoVQ:
     """The shipped tiny MoVQ from ``data/`` (its config from the card)."""
-    card = weights.load_card(name)
+    weights.tiny_path(f"{name}.safetensors")  # missing or corrupted: says how to restore it
+    card = weights.load_card(f"{name}.safetensors")
     config = card["movq_config"]
     model = MoVQ(MoVQConfig(**{**config, "block_out_channels": tuple(config["block_out_channels"]),
                                "attention": tuple(config["attention"])}))
-    model.load_state_dict(weights.load_tiny_state_dict(name))
+    model.load_state_dict(weights.load_tiny_state_dict(f"{name}.safetensors"))
     return model.eval().requires_grad_(False)

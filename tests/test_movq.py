@@ -83,6 +83,7 @@ CONFIGS = [
      (24, 40)),  # non-square, attention at both levels
     (MoVQConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, num_vq_embeddings=32, latent_channels=3,
                 vq_embed_dim=3, mid_attention=False), (32, 48)),  # 4 levels, 3-wide codes, no mid attention
+    (MoVQConfig.tiny(spatial_norm=False), (32, 32)),  # the plain VQGAN decoder (norm_type="group") lesson 07 compares
 ]
 
 
@@ -168,11 +169,11 @@ def test_loading_a_mismatched_state_dict_lists_the_problem():
         MoVQ.from_diffusers(theirs.state_dict())
 
 
-def test_group_norm_vqmodel_is_refused():
+def test_other_norm_types_are_refused():
     from kandlab.movq import config_from_diffusers
 
     with pytest.raises(ValueError, match="norm_type='spatial'"):
-        config_from_diffusers({**to_diffusers_config(MoVQConfig.tiny()), "norm_type": "group"})
+        config_from_diffusers({**to_diffusers_config(MoVQConfig.tiny()), "norm_type": "layer"})
 
 
 @pytest.fixture(scope="module")
