@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where sampling starts: N(0, I) as Kandinsky 3 (default), or around the shapes world's "
                         "mean pixel, which draws fewer stray shapes (lesson 02)")
     p.add_argument("--upscale", type=int, default=4, help="nearest-neighbour enlargement of the 32×32 output (default 4)")
-    p.add_argument("--model", default="pixel_text", help="shipped model in data/ (default pixel_text)")
+    p.add_argument("--model", default="pixel_text", help="shipped model in data/: pixel_text (32×32, the default) or "
+                                                         "latent_text (64×64 from MoVQ latents, lesson 07)")
     p.set_defaults(func=generate_command)
     p = sub.add_parser("train", help="rebuild a shipped tiny model from its recipe")
     p.add_argument("recipe", help="pixel-uncond, or pixel-text (all its stages: base, layout, anneal, decay; "

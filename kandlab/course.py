@@ -157,6 +157,26 @@ class ClaimFailed(AssertionError):
     """A lesson's claim no longer holds for the numbers its notebook just measured."""
 
 
+def value_and_grad(fn: Callable) -> Callable:
+    """Wrap ``fn`` so that a check compares its gradients too: the wrapped function returns
+    ``(fn(*args), grads)``, where ``grads`` holds d sum(fn(*args)) / d a for every tensor argument ``a``
+    (in order). For exercises whose point is the backward pass (a straight-through estimator, where a loss
+    puts its weights), which equal outputs alone would not test."""
+
+    def wrapped(*args: Any) -> tuple[Any, tuple]:
+        import torch
+
+        args = [a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                else a for a in args]
+        out = fn(*args)
+        inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        grads = torch.autograd.grad(out.sum(), inputs, allow_unused=True)
+        return out.detach(), tuple(torch.zeros_like(a) if g is None else g for a, g in zip(inputs, grads))
+
+    wrapped.__name__ = getattr(fn, "__name__", "your function")
+    return wrapped
+
+
 def mean_se(values: Any) -> tuple[float, float]:
     r"""Mean and standard error of the mean, :math:`s / \sqrt{n}` with the sample std (ddof = 1).
 

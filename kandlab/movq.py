@@ -209,7 +209,7 @@ class Level(nn.Module):
         self.resnets = nn.ModuleList(ResnetBlock(c_in if i == 0 else c_out, c_out, groups, zq_channels)
                                      for i in range(n))
         self.attentions = nn.ModuleList(Attention(c_out, groups, zq_channels) for _ in range(n)) if attention else None
-        self.resample = {"down": Downsample, "up": Upsample, None: lambda c: None}[resample](c_out)
+        self.resample = Downsample(c_out) if resample == "down" else Upsample(c_out) if resample == "up" else None
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):

@@ -174,6 +174,9 @@ class Pipeline:
         """The shipped tiny model ``data/<name>.safetensors`` with its card's configs."""
         weights.tiny_path(f"{name}.safetensors")  # missing or corrupted: says how to restore it
         card = weights.load_card(f"{name}.safetensors")
+        if "movq_config" in card:
+            raise ValueError(f"data/{name} is a MoVQ autoencoder, not a text-to-image model; the latent model that "
+                             "generates in its latent space is Pipeline.from_tiny('latent_text') (--model latent_text)")
         if "t5_config" not in card:
             raise ValueError(f"data/{name} is not a text-to-image checkpoint (its card has no t5_config); "
                              "use kandlab.train.load_tiny_unet for unconditional models")

@@ -302,6 +302,19 @@ def encode_latents(recipe: Recipe, images: torch.Tensor, batch: int = 250) -> to
         torch.set_num_threads(threads)
 
 
+def latent_loss(diffusion: GaussianDiffusion, model, movq, images: torch.Tensor, scale: float, t: torch.Tensor,
+                noise: torch.Tensor, **model_kwargs) -> torch.Tensor:
+    r"""One latent-diffusion loss (Rombach et al. 2022, eq. 2): $\lVert\varepsilon - \varepsilon_\theta(z_t, t)\rVert^2$
+    with $z_0 = \text{scale}\cdot E(x)$, the MoVQ latents of the images, not quantised.
+
+    images (B, 3, H, W) in [-1, 1]; t (B,); noise (B, 4, H/f, W/f). `train` does the same with the latents encoded
+    once, before training (`encode_latents`), which is cheaper and identical: the MoVQ is frozen.
+    """
+    with torch.no_grad():
+        z0 = scale * movq.encode(images)  # (B, 4, H/f, W/f)
+    return diffusion.loss(model, z0, t, noise, **model_kwargs)
+
+
 def recipe_pipeline(recipe: Recipe, model: TextToImage, diffusion: GaussianDiffusion) -> Pipeline:
     """The sampling pipeline of a text recipe (with its MoVQ for a latent recipe)."""
     movq = None

@@ -58,7 +58,8 @@ class MoVQRecipe:
     threads: int = 1
     n_eval: int = 512  # held-out images behind the card's numbers
     description: str = ""
-    compare_to: str | None = None  # an ablation arm: its numbers go into this shipped card's "comparison", no weights
+    compare_to: str | None = None  # an ablation arm: its numbers go into this shipped card's "comparison"
+    ship: bool = True  # write data/<name>.safetensors and its card (an arm may add its numbers only)
 
 
 def movq_tiny() -> MoVQRecipe:
@@ -67,13 +68,13 @@ def movq_tiny() -> MoVQRecipe:
 
 
 def movq_tiny_no_restart() -> MoVQRecipe:
-    return MoVQRecipe(name="movq_tiny_no_restart", restart_every=None, compare_to="movq_tiny",
+    return MoVQRecipe(name="movq_tiny_no_restart", restart_every=None, compare_to="movq_tiny", ship=False,
                       description="without dead-code restarts")
 
 
 def movq_tiny_groupnorm() -> MoVQRecipe:
     return MoVQRecipe(name="movq_tiny_groupnorm", config=MoVQConfig.tiny(spatial_norm=False), compare_to="movq_tiny",
-                      description="plain GroupNorm decoder (a VQGAN, not a MoVQ)")
+                      description="plain GroupNorm decoder (a VQGAN, not a MoVQ)")  # shipped: lesson 07 shows it
 
 
 RECIPES = {"movq-tiny": movq_tiny, "movq-tiny-no-restart": movq_tiny_no_restart,
@@ -232,22 +233,25 @@ def evaluate(model: MoVQ, n: int = 512, size: int = 64, seed: int = 2024) -> dic
 
 def export(recipe: MoVQRecipe, model: MoVQ, log: dict, out_dir: Path | None = None) -> Path:
     """Write ``<name>.safetensors`` and its JSON card (keeping the prose and the comparison arms of the card it
-    replaces); refresh the manifest. An arm (``recipe.compare_to``) only adds its numbers to that card."""
+    replaces); refresh the manifest. An arm (``recipe.compare_to``) also adds its numbers to that card's
+    ``comparison``; with ``ship=False`` it writes nothing else."""
     from safetensors.torch import save_file
 
     from kandlab import cards
 
     out = out_dir or weights.data_dir()
+    measured = evaluate(model, recipe.n_eval, recipe.image_size)
     if recipe.compare_to is not None:
         card_path = out / f"{recipe.compare_to}.json"
         card = json.loads(card_path.read_text())
         card.setdefault("comparison", {})[recipe.description] = {
-            **evaluate(model, recipe.n_eval, recipe.image_size), "recipe": recipe.name, "steps": log["step"],
-            "wall_time_seconds": round(log["seconds"], 1), "codes_restarted": log["restarted"],
-            "rebuild": f"kandlab train {recipe.name.replace('_', '-')}"}
+            **measured, "recipe": recipe.name, "steps": log["step"], "wall_time_seconds": round(log["seconds"], 1),
+            "codes_restarted": log["restarted"], "rebuild": f"kandlab train {recipe.name.replace('_', '-')}",
+            **({"file": f"{recipe.name}.safetensors"} if recipe.ship else {})}
         card_path.write_text(json.dumps(card, indent=2) + "\n")
         weights.write_manifest(out)
-        return card_path
+        if not recipe.ship:
+            return card_path
     path = out / f"{recipe.name}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     recipe_dict = asdict(recipe)
@@ -265,7 +269,7 @@ def export(recipe: MoVQRecipe, model: MoVQ, log: dict, out_dir: Path | None = No
         "final_reconstruction_mse_last_100": round(float(np.mean([r for r, _ in log["losses"][-100:]])), 6),
         "hardware": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
                      "threads": recipe.threads},
-        "eval": evaluate(model, recipe.n_eval, recipe.image_size),
+        "eval": measured,
         "rebuild": f"kandlab train {recipe.name.replace('_', '-')}",
         "sha256": weights.sha256_file(path),
     }

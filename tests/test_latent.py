@@ -83,7 +83,8 @@ def test_movq_training_resumes_and_an_arm_adds_its_numbers_to_the_shipped_card(t
     model, log = train_movq.train(recipe, run_dir=tmp_path, progress=False)
     train_movq.export(recipe, model, log, out_dir=out)
     arm = train_movq.MoVQRecipe(name="micro_arm", config=recipe.config, num_images=8, steps=1, batch_size=2, crop=16,
-                                warmup=1, restart_every=None, n_eval=4, compare_to="micro_movq", description="arm")
+                                warmup=1, restart_every=None, n_eval=4, compare_to="micro_movq", description="arm",
+                                ship=False)
     model, log = train_movq.train(arm, run_dir=tmp_path, progress=False)
     train_movq.export(arm, model, log, out_dir=out)
     card = json.loads((out / "micro_movq.json").read_text())
