@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -203,8 +204,8 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One resolution: resnets (each followed by attention where the level has it), then a resample."""
 
-    def __init__(self, c_in: int, c_out: int, n: int, attention: bool, resample: str | None, groups: int,
-                 zq_channels: int | None = None) -> None:
+    def __init__(self, c_in: int, c_out: int, n: int, attention: bool, resample: Literal["down", "up"] | None,
+                 groups: int, zq_channels: int | None = None) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(ResnetBlock(c_in if i == 0 else c_out, c_out, groups, zq_channels)
                                      for i in range(n))

@@ -145,3 +145,20 @@ def test_a_latent_pipeline_refuses_an_image_size_the_movq_cannot_make(movq):
 def test_recipe_refuses_text_from_without_text():
     with pytest.raises(ValueError, match="text_from"):
         _micro_latent_recipe(text=None)
+
+
+def test_the_shipped_latent_model_generates_64px_images_offline(tmp_path):
+    pipe = Pipeline.from_tiny("latent_text")
+    assert pipe.movq is not None and pipe.sample_size == 16 and pipe.image_size == 64
+    images = pipe(["two red circles", "one blue square"], steps=10, progress=False)
+    assert images.shape == (2, 3, 64, 64) and images.abs().max() <= 1
+    out = tmp_path / "latent.png"
+    assert cli.main(["generate", "two red circles above one blue square", "--model", "latent_text", "--steps", "5",
+                     "-o", str(out)]) == 0 and out.exists()
+
+
+def test_the_latent_card_scores_its_512_prompts_with_the_default_sampler():
+    card = weights.load_card("latent_text.safetensors")
+    assert card["score"]["prompts"] == 512 and "DDIM 50 steps" in card["score"]["sampler"]
+    assert card["recipe"]["latent"] == "movq_tiny" and card["recipe"]["text_from"] == "pixel_text"
+    assert card["wall_time_seconds"] <= 150 * 60  # the training budget on this 2-core machine

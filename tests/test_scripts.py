@@ -12,7 +12,7 @@ import torch
 from kandlab import weights
 
 ROOT = Path(__file__).resolve().parent.parent
-MAINTAINER = {"bench_unet.py", "keep_joint_t5.py", "score_progress.py"}
+MAINTAINER = {"bench_unet.py", "bench_latent.py", "keep_joint_t5.py", "score_progress.py"}
 MOVED = ("relation_experiments", "relation_probes", "count_experiments", "layout_probe", "export_layout_stage")
 
 
@@ -56,3 +56,16 @@ def test_the_joint_t5_rebuild_takes_the_shipped_encoder_out_of_the_history(tmp_p
     t5 = weights.load_tiny_state_dict("pixel_text_joint_t5.safetensors")
     assert t5.keys() == {k.removeprefix("t5.") for k in whole if k.startswith("t5.")}
     assert all(torch.equal(whole[f"t5.{k}"], v) for k, v in t5.items())
+
+
+def test_the_latent_benchmark_measures_one_setting():
+    spec = importlib.util.spec_from_file_location("bench_latent", ROOT / "scripts" / "bench_latent.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        out = bench.measure("latent", 64, train_steps=1, sample_images=1, sample_steps=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert out["values_per_image"] == 4 * 16 * 16 and out["output"] == [3, 64, 64]
+    assert out["train_step_seconds"] > 0 and out["sample_seconds_per_image"] > 0
