@@ -215,7 +215,6 @@ def _refresh_model_cards() -> None:
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-LATENT_FACTOR = 4  # pixels per latent pixel of the tiny MoVQ (MoVQConfig.tiny().downsample_factor)
 
 
 def _check_output_path(path: str) -> Path:
@@ -294,6 +293,7 @@ def generate_command(args: argparse.Namespace) -> int:
     from kandlab import weights
     from kandlab.pipeline import Pipeline, check_memory, check_prompts, check_sampling_args
     from kandlab.tokenizer import ShapesTokenizer
+    from kandlab.train_movq import tiny_movq_config
     from kandlab.unet import UNetConfig
 
     start = args.start.replace("-", "_")  # the CLI spells it data-mean, the Python API data_mean
@@ -309,7 +309,8 @@ def generate_command(args: argparse.Namespace) -> int:
         card = weights.load_card(f"{args.model}.safetensors")
         if "unet_config" in card:  # memory: from the card's config, before loading the weights (from_tiny
             size = card["recipe"]["image_size"]  # refuses a card without one)
-            side = size // LATENT_FACTOR if card["recipe"].get("latent") else size  # what the UNet denoises
+            latent = card["recipe"].get("latent")
+            side = size // tiny_movq_config(latent).downsample_factor if latent else size  # what the UNet denoises
             check_memory(args.num_images, UNetConfig(**card["unet_config"]), side, args.guidance, args.steps)
             check_png_memory(args.num_images, size, args.upscale)
         pipe = Pipeline.from_tiny(args.model)

@@ -282,12 +282,16 @@ def export(recipe: MoVQRecipe, model: MoVQ, log: dict, out_dir: Path | None = No
     return path
 
 
+def tiny_movq_config(name: str = "movq_tiny") -> MoVQConfig:
+    """The config of a shipped tiny MoVQ, from its card (no weights loaded)."""
+    config = weights.load_card(f"{name}.safetensors")["movq_config"]
+    return MoVQConfig(**{**config, "block_out_channels": tuple(config["block_out_channels"]),
+                         "attention": tuple(config["attention"])})
+
+
 def load_tiny_movq(name: str = "movq_tiny") -> MoVQ:
     """The shipped tiny MoVQ from ``data/`` (its config from the card)."""
     weights.tiny_path(f"{name}.safetensors")  # missing or corrupted: says how to restore it
-    card = weights.load_card(f"{name}.safetensors")
-    config = card["movq_config"]
-    model = MoVQ(MoVQConfig(**{**config, "block_out_channels": tuple(config["block_out_channels"]),
-                               "attention": tuple(config["attention"])}))
+    model = MoVQ(tiny_movq_config(name))
     model.load_state_dict(weights.load_tiny_state_dict(f"{name}.safetensors"))
     return model.eval().requires_grad_(False)
