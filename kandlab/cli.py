@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "resumable, state in runs/ per stage), or one later stage of pixel-text on its own: "
                                   "pixel-text-layout, pixel-text-anneal, pixel-text-decay (each continues "
                                   "data/pixel_text.safetensors, state in runs/<recipe>/); movq-tiny (lesson 07's "
-                                  "autoencoder) and latent-text (its latent text-to-image model, after movq-tiny)")
+                                  "autoencoder) and latent-text (its latent text-to-image model, after movq-tiny; "
+                                  "two stages, base and polish, or latent-text-polish alone)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     p.add_argument("--run-dir", default="runs", help="where state, logs and sample grids go (default: runs/)")
     p.add_argument("--restart", action="store_true", help="ignore a saved state and start from scratch")

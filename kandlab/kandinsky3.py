@@ -691,6 +691,13 @@ GIB = 1024**3
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
+def weight_bytes(parameters: int, dtype: str = "bf16") -> int:
+    """Bytes that ``parameters`` weights take in ``dtype`` ("fp32" 4 each, "bf16"/"fp16" 2 each)."""
+    if dtype not in BYTES:
+        raise ValueError(f"dtype={dtype!r}: use one of {', '.join(BYTES)}")
+    return parameters * BYTES[dtype]
+
+
 def parameter_count(module_class, config) -> int:
     """Parameters of a network built on the ``meta`` device: shapes only, no memory, no time."""
     with torch.device("meta"):
@@ -704,19 +711,19 @@ def published_configs() -> dict[str, tuple[type, object]]:
             "movq": (MoVQ, MoVQConfig.kandinsky3())}
 
 
-ACTIVATIONS_FILE = "kandinsky3_activations.json"
+ACTIVATIONS_FILE = "measurements/kandinsky3_activations.json"  # not a model card: a subfolder
 
 
 def activation_model() -> dict:
-    """The fitted activation-memory model (``data/kandinsky3_activations.json``, written by
-    ``scripts/full_unet_cpu.py`` from measured runs): bytes ≈ a + b·pixels per network, in bf16, batch 2 for the
-    guided UNet."""
+    """The fitted activation-memory model (``data/measurements/kandinsky3_activations.json``, written by
+    ``scripts/k3_activations.py`` from measured runs): bytes ≈ a + b·pixels per network, measured in its ``dtype``,
+    batch 2 for the guided UNet."""
     from kandlab.weights import data_dir
 
     path = data_dir() / ACTIVATIONS_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; rebuild it with `python scripts/full_unet_cpu.py --part "
-                                "activations` (about 10 minutes on a 2-core CPU)")
+        raise FileNotFoundError(f"{path} is missing; rebuild it with `python scripts/k3_activations.py` "
+                                "(about 10 minutes on a 2-core CPU)")
     return json.loads(path.read_text())
 
 
@@ -751,7 +758,7 @@ class Plan:
                   for name, w in self.weights_gib.items()]
         for s in self.strategies:
             mark = "fits" if s.fits else "does not fit"
-            lines.append(f"  {'→' if s is self.choice else ' '} {s.name:<34} peak {s.peak_gib:6.2f} GiB  {mark:<12} "
+            lines.append(f"  {'→' if s is self.choice else ' '} {s.name:<40} peak {s.peak_gib:6.2f} GiB  {mark:<12} "
                          f"{s.cost}")
         if self.choice is None:
             lines.append("  nothing here fits: use 8-bit weights or sequential (layer by layer) offload")
@@ -778,9 +785,10 @@ def plan(gpu_gib: float, dtype: str = "bf16", height: int = 1024, width: int = 1
     h, w = latent_size(height, width)
     pixels = h * w * 64  # image pixels the MoVQ decodes (factor 8)
     nbytes = BYTES[dtype]
-    weights = {name: parameter_count(cls, cfg) * nbytes / GIB for name, (cls, cfg) in published_configs().items()}
+    weights = {name: weight_bytes(parameter_count(cls, cfg), dtype) / GIB
+               for name, (cls, cfg) in published_configs().items()}
     model = activation_model()
-    scale = nbytes / 2  # the fit is in bf16
+    scale = nbytes / BYTES[model.get("dtype", "bf16")]  # activations scale with the bytes per value
     latent_pixels = h * w
     acts = {"text_encoder": model["text_encoder"]["bytes"] * scale / GIB,
             "unet": (model["unet"]["a"] + model["unet"]["b"] * latent_pixels) * scale / GIB,
