@@ -335,28 +335,9 @@ class DecoderConfig:
 
 
 def unet_trunk(unet: UNet, x: Tensor, t_emb: Tensor, context: Tensor, mask_bias: Tensor | None = None) -> Tensor:
-    """The body of ``UNet.forward`` after its conditioning: conv_in → down → up (with skips) → norm → conv_out.
-
-    ``UNet.forward`` builds t_emb and the context from *text* in its first lines; here the caller
-    passes them ready-made, so any conditioning can drive the same blocks. Walks the UNet's own
-    submodules in the order its ``forward`` does (``tests/test_decoder.py`` checks both agree).
-
-    x: (B, in_channels, H, W); t_emb: (B, T); context: (B, L, cross_attention_dim);
-    mask_bias: (B, 1, 1, L) or None → (B, out_channels, H, W).
-    """
-    t_act = F.silu(t_emb)  # (B, T), shared by every conditional group norm
-    h = unet.conv_in(x)  # (B, init, H, W)
-    skips = []
-    for level in unet.down:
-        h = level(h, t_act, context, mask_bias)
-        skips.append(h)
-    skips.pop()  # the deepest output continues straight up, it is not a skip
-    for i, level in enumerate(unet.up):
-        if i > 0:
-            h = torch.cat([h, skips.pop()], dim=1)  # (B, c_in + c_skip, ·, ·)
-        h = level(h, t_act, context, mask_bias)
-    h = F.silu(unet.norm_out(h))  # (B, init, H, W)
-    return unet.conv_out(h)  # (B, out_channels, H, W)
+    """The UNet's blocks driven by a ready-made time embedding and context (`UNet.trunk`, which ``UNet.forward``
+    itself ends with): x (B, in_channels, H, W), t_emb (B, T), context (B, L, D) → (B, out_channels, H, W)."""
+    return unet.trunk(x, t_emb, context, mask_bias)
 
 
 # --------------------------------------------------------------------------------------

@@ -672,18 +672,26 @@ class UNet(nn.Module):
             if text_mask is not None:
                 mask_bias = text_mask_bias(text_mask, text.dtype)  # (B, 1, 1, L)
             t_emb = t_emb + self.attention_pooling(text, mask_bias)  # (B, T)
-        t_act = F.silu(t_emb)  # (B, T), shared by every conditional group norm
+        return self.trunk(x, t_emb, text, mask_bias)
 
+    def trunk(self, x: torch.Tensor, t_emb: torch.Tensor, context: torch.Tensor | None = None,
+              mask_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Everything after the conditioning: conv_in → down levels → up levels (with skips) → norm → conv_out.
+
+        ``forward`` builds ``t_emb`` (B, T) and the context (B, L, D) from text; another conditioning (lesson 08's
+        image embedding, `kandlab.decoder`) builds its own and calls this. ``mask_bias``: (B, 1, 1, L) or None.
+        """
+        t_act = F.silu(t_emb)  # (B, T), shared by every conditional group norm
         h = self.conv_in(x)  # (B, init, H, W)
         skips = []
         for level in self.down:
-            h = level(h, t_act, text, mask_bias)
+            h = level(h, t_act, context, mask_bias)
             skips.append(h)
         skips.pop()  # the deepest output continues straight up, it is not a skip
         for i, level in enumerate(self.up):
             if i > 0:
                 h = torch.cat([h, skips.pop()], dim=1)  # (B, c_in + c_skip, ·, ·)
-            h = level(h, t_act, text, mask_bias)
+            h = level(h, t_act, context, mask_bias)
         h = F.silu(self.norm_out(h))  # (B, init, H, W)
         return self.conv_out(h)  # (B, out_channels, H, W)
 
