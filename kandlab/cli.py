@@ -95,7 +95,8 @@ def doctor_findings() -> list[Finding]:
                 for i in range(torch.cuda.device_count())
             )
         else:
-            gpu = "none — every lesson runs on the CPU; lesson 09 (3B inference) needs a GPU or Colab"
+            gpu = ("none — every lesson runs on the CPU; only lesson 09's opt-in last section (the published "
+                   "weights) needs a GPU")
         found.append(Finding("gpu", gpu))
     except ImportError:
         pass
