@@ -830,6 +830,15 @@ def _describe(value) -> str:
     return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
+def config_to_diffusers(config: UNetConfig) -> dict:
+    """Keyword arguments of diffusers' ``Kandinsky3UNet`` for the same architecture (the inverse of
+    `config_from_diffusers`; for ``UNetConfig.kandinsky3()`` they are diffusers' own defaults)."""
+    return dict(in_channels=config.in_channels, time_embedding_dim=config.time_embedding_dim, groups=config.groups,
+                attention_head_dim=config.head_dim, layers_per_block=config.layers_per_block,
+                block_out_channels=config.block_out_channels, cross_attention_dim=config.cross_attention_dim,
+                encoder_hid_dim=config.encoder_hid_dim)
+
+
 def config_from_diffusers(diffusers_config) -> UNetConfig:
     """UNetConfig equivalent to a diffusers ``Kandinsky3UNet.config``."""
     c = dict(diffusers_config)

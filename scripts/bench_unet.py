@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from kandlab.unet import UNet, UNetConfig  # noqa: E402
+from kandlab.unet import UNet, UNetConfig, config_to_diffusers  # noqa: E402
 
 
 def build_models(config: UNetConfig, seed: int = 0):
@@ -33,16 +33,7 @@ def build_models(config: UNetConfig, seed: int = 0):
     from diffusers import Kandinsky3UNet
 
     torch.manual_seed(seed)
-    theirs = Kandinsky3UNet(
-        in_channels=config.in_channels,
-        time_embedding_dim=config.time_embedding_dim,
-        groups=config.groups,
-        attention_head_dim=config.head_dim,
-        layers_per_block=config.layers_per_block,
-        block_out_channels=config.block_out_channels,
-        cross_attention_dim=config.cross_attention_dim,
-        encoder_hid_dim=config.encoder_hid_dim,
-    )
+    theirs = Kandinsky3UNet(**config_to_diffusers(config))
     with torch.no_grad():
         for p in theirs.parameters():  # diffusers zero-inits the norm projections
             torch.nn.init.normal_(p, std=0.02)

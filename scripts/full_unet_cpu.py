@@ -54,7 +54,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from kandlab.unet import UNet, UNetConfig, config_from_diffusers  # noqa: E402
+from kandlab.unet import UNet, UNetConfig, config_from_diffusers, config_to_diffusers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "scripts" / "results" / "full_unet_cpu.json"
@@ -81,21 +81,7 @@ def unet_config(name: ConfigName) -> UNetConfig:
     )
 
 
-def diffusers_kwargs(config: UNetConfig) -> dict:
-    """Keyword arguments of diffusers' Kandinsky3UNet for the same architecture.
-
-    For ``UNetConfig.kandinsky3()`` these are diffusers' own defaults.
-    """
-    return dict(
-        in_channels=config.in_channels,
-        time_embedding_dim=config.time_embedding_dim,
-        groups=config.groups,
-        attention_head_dim=config.head_dim,
-        layers_per_block=config.layers_per_block,
-        block_out_channels=config.block_out_channels,
-        cross_attention_dim=config.cross_attention_dim,
-        encoder_hid_dim=config.encoder_hid_dim,
-    )
+diffusers_kwargs = config_to_diffusers  # kandlab.unet: the same architecture as diffusers' keyword arguments
 
 
 # --------------------------------------------------------------------------------------

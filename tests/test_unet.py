@@ -382,3 +382,10 @@ def test_text_mask_bias():
     bias = text_mask_bias(torch.tensor([[1, 1, 0], [True, False, False]]).bool())
     assert bias.shape == (2, 1, 1, 3)
     assert bias[0, 0, 0].tolist() == [0.0, 0.0, MASK_BIAS] and bias[1, 0, 0].tolist() == [0.0, MASK_BIAS, MASK_BIAS]
+
+
+def test_config_to_diffusers_is_the_inverse_of_config_from_diffusers():
+    from kandlab.unet import config_from_diffusers, config_to_diffusers
+
+    for cfg in (UNetConfig.tiny_pixel(), UNetConfig.tiny_latent(), UNetConfig.kandinsky3()):
+        assert config_from_diffusers(config_to_diffusers(cfg)) == cfg
