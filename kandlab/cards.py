@@ -64,7 +64,8 @@ UNCOND_METRICS = ["shapesbench_plausible", "shapesbench_recognised", "shapesbenc
 RECIPE_FIELDS = ["steps", "batch_size", "lr", "warmup", "lr_decay", "ema_decay", "schedule", "min_snr_gamma",
                  "t_sampling", "t_logit_mean", "p_relation", "cond_dropout", "text_pretrain_steps", "num_images",
                  "image_size", "max_length", "guidance", "seed", "threads", "text_from", "latent", "latent_scale",
-                 "crop", "betas", "restart_every"]
+                 "crop", "betas", "restart_every", "weight_decay", "regression", "embed_dropout", "sample_steps",
+                 "clip", "init_from"]
 PROSE_FIELDS = ("summary", "intended_use", "training_data", "sample_grid", "stage_notes", "hardware_note",
                 "score_reference", "known_failure_modes", "history", "rebuild_note")
 
@@ -219,6 +220,55 @@ def _scores_section(card: dict, source: dict, cards: dict | None) -> list[str]:
                    f"moves it by {shift['data']['px']:.2f} px ({shift['data']['pairs']} pairs); a model that ignores "
                    "the relation word moves it by about 0 px.")
         out.append("")
+    return out
+
+
+def _accuracy_table(results: dict, what: str) -> list[str]:
+    rows = [[k, f"{r['accuracy']:.3f} ± {r['se']:.3f}", f"{r['chance']:.3f}" if "chance" in r else "—", r["n"]]
+            for k, r in results.items()]
+    return _table([what, "accuracy", "chance", "n"], rows) + [""]
+
+
+def _unclip_sections(card: dict) -> list[str]:
+    """Lesson 08's measurements: CLIP retrieval and binding, the prior's similarity, the decoder's variations."""
+    out: list[str] = []
+    if "retrieval" in card:
+        out += ["## Retrieval and binding", "",
+                "Zero-shot caption retrieval on held-out images (`kandlab.train_unclip.clip_retrieval`): the true "
+                "caption against every caption that changes one thing of a category; top1_of_all against all n "
+                "held-out captions. ± is the standard error of a share.", ""]
+        out += _accuracy_table(card["retrieval"], "test")
+        out += ["Binding (`clip_binding`): on two-group images, the true caption against the same words with the "
+                "two groups' colours (or shapes) exchanged; 0.5 is a bag of words. cos(text, swapped) is how close "
+                "the two captions' text embeddings are.", ""]
+        rows = [[k, f"{r['accuracy']:.3f} ± {r['se']:.3f}", r["n"], f"{r['text_cosine_to_swapped']:.3f}"]
+                for k, r in card["binding"].items()]
+        out += _table(["swapped", "true caption preferred", "n", "cos(text, swapped)"], rows) + [""]
+    if "similarity" in card:
+        sim = card["similarity"]
+        out += ["## Similarity to the true image embedding", "",
+                f"Cosine similarity to the CLIP embedding of each held-out caption's image "
+                f"(`kandlab.train_unclip.prior_similarity`; {sim['sampler']}), mean ± standard error:", ""]
+        labels = {"prior": "this model's embedding", "text_embedding": "the caption's CLIP text embedding",
+                  "same_caption_other_render": "the same caption rendered again", "random_other_image": "a random other image"}
+        out += _table(["embedding", "cosine", "n"], [[labels[k], f"{sim[k]['mean']:.3f} ± {sim[k]['se']:.3f}", sim[k]["n"]]
+                                                   for k in labels]) + [""]
+        out += ["The caption test of `clip_retrieval` with this model's embedding in the place of the image's:", ""]
+        out += _accuracy_table(sim["caption_test"], "test")
+    for key, title in (("score", "Binding of the two-stage pipeline"), ("variations", "Variations")):
+        entry = card.get(key) if card.get("kind") == "decoder" else None
+        if not entry:
+            continue
+        if key == "variations":
+            out += ["## Variations", "", f"Held-out images redrawn from their own CLIP embedding ({entry['sampler']}; "
+                    f"`{entry['image_set']}`), scored against their captions: the ceiling of the two-stage pipeline.", ""]
+            keys = [k for k in TEXT_METRICS if k in entry]
+            out += _table([METRICS[k][0] for k in keys] + ["n"], [[score_cell(entry, k) for k in keys] + [entry["prompts"]]])
+            out += [""]
+        b = entry["binding"]
+        out += [f"**{title if key == 'score' else 'Binding of the variations'}** (`kandlab.shapes.binding_rates`, "
+                f"{b['n']} prompts with two groups of different shapes): bound {b['bound']:.3f}, swapped "
+                f"{b['swapped']:.3f} ± {b['swapped_se']:.3f}, other {b['other']:.3f}.", ""]
     return out
 
 
@@ -388,6 +438,15 @@ def model_card(card: dict, cards: dict[str, dict] | None = None) -> str:
         out += [f"T5 encoder (`kandlab.t5.T5Config`): {_config_line(card['t5_config'])}.", ""]
     if "movq_config" in card:
         out += [f"MoVQ (`kandlab.movq.MoVQConfig`): {_config_line(card['movq_config'])}.", ""]
+    for key, what in (("text_config", "CLIP text tower (`kandlab.clip.CLIPTextConfig`)"),
+                      ("vision_config", "CLIP image tower (`kandlab.clip.CLIPVisionConfig`)"),
+                      ("prior_config", "Prior (`kandlab.prior.PriorConfig`)")):
+        if key in card:
+            out += [f"{what}: {_config_line(card[key])}.", ""]
+    if "decoder_config" in card:
+        d = card["decoder_config"]
+        out += [f"Decoder (`kandlab.decoder.DecoderConfig`): image_embed_dim {d['image_embed_dim']}, num_image_tokens "
+                f"{d['num_image_tokens']}, on the UNet above.", ""]
     out += [f"Parameters in all: {card['parameters']:,}.", ""]
 
     # Data and recipe
@@ -396,7 +455,9 @@ def model_card(card: dict, cards: dict[str, dict] | None = None) -> str:
     out += ["## Recipe", ""]
     recipe = card.get("recipe")
     if recipe:
-        out += [f"Recipe `{recipe['name']}` (`{'kandlab.train_movq' if 'movq_config' in card else 'kandlab.train'}`), "
+        module = {"movq": "kandlab.train_movq", "clip": "kandlab.train_unclip", "prior": "kandlab.train_unclip",
+                  "decoder": "kandlab.train_unclip"}.get(card.get("kind"), "kandlab.train")
+        out += [f"Recipe `{recipe['name']}` (`{module}`), "
                 "as the card records it"
                 + (" (the last stage's settings; the stages below)" if card.get("stages") else "") + ": "
                 + ", ".join(f"{k} {json.dumps(recipe[k])}" for k in RECIPE_FIELDS if k in recipe) + ".", ""]
@@ -432,6 +493,7 @@ def model_card(card: dict, cards: dict[str, dict] | None = None) -> str:
 
     if "eval" in card:
         out += ["## Reconstruction and codebook", ""] + _movq_section(card)
+    out += _unclip_sections(card)
     scores = _scores_section(card, own, cards)
     if scores:
         out += ["## Scores", ""]

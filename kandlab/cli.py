@@ -155,16 +155,39 @@ def train_movq_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_unclip_command(args: argparse.Namespace) -> int:
+    """``kandlab train clip-tiny | prior-tiny | decoder-tiny``: lesson 08's models (`kandlab.train_unclip`)."""
+    from kandlab import train_unclip
+
+    if args.continue_shipped:
+        print("--continue-shipped is for the diffusion models of lessons 02-07; an unCLIP run resumes from "
+              "runs/<name>/state.pt", file=sys.stderr)
+        return 2
+    try:
+        paths = train_unclip.rebuild(args.recipe, args.steps, args.run_dir, resume=not args.restart,
+                                     export=args.export)
+    except FileNotFoundError as err:  # a model it needs (clip_tiny, movq_tiny, latent_text) is missing
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if paths:
+        _refresh_model_cards()
+        print("wrote " + ", ".join(str(p) for p in paths) + " and their cards")
+    return 0
+
+
 def train_command(args: argparse.Namespace) -> int:
-    from kandlab import train, train_movq
+    from kandlab import train, train_movq, train_unclip
 
     if args.steps is not None and args.steps < 1:
         print("--steps must be at least 1", file=sys.stderr)
         return 2
     if args.recipe in train_movq.RECIPES:
         return train_movq_command(args)
+    if args.recipe in train_unclip.RECIPES:
+        return train_unclip_command(args)
     if args.recipe not in train.RECIPES:
-        print(f"unknown recipe {args.recipe!r}; choose one of: {', '.join([*train.RECIPES, *train_movq.RECIPES])}",
+        known = [*train.RECIPES, *train_movq.RECIPES, *train_unclip.RECIPES]
+        print(f"unknown recipe {args.recipe!r}; choose one of: {', '.join(known)}",
               file=sys.stderr)
         return 2
     staged = train.STAGES.get(args.recipe)
@@ -290,6 +313,23 @@ def save_png_grid(images, path: Path, upscale: int = 4, columns: int | None = No
     picture.save(path)
 
 
+def generate_unclip(args: argparse.Namespace, out: Path) -> int:
+    """``kandlab generate PROMPT --model unclip``: lesson 08's two stages, prior then decoder (`kandlab.unclip`)."""
+    from kandlab.unclip import UnCLIPPipeline
+
+    if args.sampler != "ddim" or args.eta != 0.0 or args.threshold not in (None, "none") or args.start != "noise":
+        raise ValueError("--model unclip samples its decoder with DDIM (η = 0) from N(0, I) and no threshold, as "
+                         "Kandinsky 2.2; leave out --sampler, --eta, --threshold and --start")
+    pipe = UnCLIPPipeline.from_tiny()
+    guidance = 4.0 if args.guidance is None else args.guidance
+    images = pipe([args.prompt] * args.num_images, steps=args.steps, guidance=guidance, seed=args.seed)
+    save_png_grid(images, out, upscale=args.upscale)
+    what = "image" if args.num_images == 1 else f"grid of {args.num_images} images"
+    print(f"wrote {out} ({what}: prior 25 steps, then decoder DDIM {args.steps} steps, guidance {guidance}, "
+          f"seed {args.seed})")
+    return 0
+
+
 def generate_command(args: argparse.Namespace) -> int:
     from kandlab import weights
     from kandlab.pipeline import Pipeline, check_memory, check_prompts, check_sampling_args
@@ -301,28 +341,33 @@ def generate_command(args: argparse.Namespace) -> int:
     try:
         if not args.prompt.strip():
             raise ValueError("the prompt is empty; describe a scene, e.g. \"two red circles above a blue square\"")
-        check_sampling_args(args.steps, args.guidance, args.sampler, args.num_images, args.threshold, start)
+        check_sampling_args(args.steps, 4.0 if args.guidance is None else args.guidance, args.sampler,
+                            args.num_images, args.threshold or "static", start)
         if args.upscale < 1:
             raise ValueError(f"--upscale={args.upscale} must be at least 1")
         out = _check_output_path(args.output)
         check_prompts([args.prompt], ShapesTokenizer.from_shapes())  # unknown words: refused before loading
+        if args.model == "unclip":
+            check_png_memory(args.num_images, 64, args.upscale)
+            return generate_unclip(args, out)
         weights.tiny_path(f"{args.model}.safetensors")  # missing or corrupted: says how to restore it
         card = weights.load_card(f"{args.model}.safetensors")
+        guidance = card.get("recipe", {}).get("guidance", 4.0) if args.guidance is None else args.guidance
         if "unet_config" in card:  # memory: from the card's config, before loading the weights (from_tiny
             size = card["recipe"]["image_size"]  # refuses a card without one)
             latent = card["recipe"].get("latent")
             side = size // tiny_movq_config(latent).downsample_factor if latent else size  # what the UNet denoises
-            check_memory(args.num_images, UNetConfig(**card["unet_config"]), side, args.guidance, args.steps)
+            check_memory(args.num_images, UNetConfig(**card["unet_config"]), side, guidance, args.steps)
             check_png_memory(args.num_images, size, args.upscale)
         pipe = Pipeline.from_tiny(args.model)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"kandlab generate: {err}", file=sys.stderr)
         return 2
-    images = pipe(args.prompt, steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
+    images = pipe(args.prompt, steps=args.steps, guidance=guidance, sampler=args.sampler, seed=args.seed,
                   images_per_prompt=args.num_images, threshold=args.threshold, eta=args.eta, start=start)
     save_png_grid(images, out, upscale=args.upscale)
     what = "image" if args.num_images == 1 else f"grid of {args.num_images} images"
-    print(f"wrote {out} ({what}, {args.sampler} {args.steps} steps, guidance {args.guidance}, seed {args.seed})")
+    print(f"wrote {out} ({what}, {args.sampler} {args.steps} steps, guidance {guidance}, seed {args.seed})")
     return 0
 
 
@@ -339,16 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="sampling steps, 1..1000 (default 50)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="sampler (default ddim)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise η (0 deterministic, 1 DDPM-like)")
-    p.add_argument("--guidance", type=float, default=4.0,
-                   help="classifier-free guidance scale s ≥ 0 (1 = none, default 4 = Kandinsky 3's w = 3)")
-    p.add_argument("--threshold", default="static", choices=["static", "dynamic", "none"],
-                   help="x̂₀ thresholding (default static, as Kandinsky 3 in diffusers)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale s ≥ 0 (1 = none; default: the model card's, 4 = Kandinsky 3's "
+                        "w = 3 for pixel_text)")
+    p.add_argument("--threshold", default=None, choices=["static", "dynamic", "none"],
+                   help="x̂₀ thresholding (default: static for a pixel model, as Kandinsky 3 in diffusers; none for a "
+                        "latent model, whose latents have no fixed range)")
     p.add_argument("--start", default="noise", choices=["noise", "data-mean"],
                    help="where sampling starts: N(0, I) as Kandinsky 3 (default), or around the shapes world's "
                         "mean pixel, which draws fewer stray shapes (lesson 02)")
     p.add_argument("--upscale", type=int, default=4, help="nearest-neighbour enlargement of the 32×32 output (default 4)")
-    p.add_argument("--model", default="pixel_text", help="shipped model in data/: pixel_text (32×32, the default) or "
-                                                         "latent_text (64×64 from MoVQ latents, lesson 07)")
+    p.add_argument("--model", default="pixel_text", help="shipped model in data/: pixel_text (32×32, the default), "
+                                                         "latent_text (64×64 from MoVQ latents, lesson 07) or unclip "
+                                                         "(prior + decoder, 64×64, lesson 08)")
     p.set_defaults(func=generate_command)
     p = sub.add_parser("train", help="rebuild a shipped tiny model from its recipe")
     p.add_argument("recipe", help="pixel-uncond, or pixel-text (all its stages: base, layout, anneal, decay; "
@@ -356,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "pixel-text-layout, pixel-text-anneal, pixel-text-decay (each continues "
                                   "data/pixel_text.safetensors, state in runs/<recipe>/); movq-tiny (lesson 07's "
                                   "autoencoder) and latent-text (its latent text-to-image model, after movq-tiny; "
-                                  "two stages, base and polish, or latent-text-polish alone)")
+                                  "two stages, base and polish, or latent-text-polish alone); clip-tiny, prior-tiny (with its "
+                                  "regression baseline) and decoder-tiny (lesson 08's unCLIP, in that order)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     p.add_argument("--run-dir", default="runs", help="where state, logs and sample grids go (default: runs/)")
     p.add_argument("--restart", action="store_true", help="ignore a saved state and start from scratch")

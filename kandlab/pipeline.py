@@ -144,16 +144,19 @@ class Pipeline:
     """
 
     def __init__(self, model: TextToImage, tokenizer: ShapesTokenizer, diffusion: GaussianDiffusion,
-                 image_size: int = 32, movq: nn.Module | None = None, latent_scale: float = 1.0) -> None:
+                 image_size: int = 32, movq: nn.Module | None = None, latent_scale: float = 1.0,
+                 guidance: float = 4.0) -> None:
         """``image_size``: the output's side in pixels. With a ``movq`` the UNet runs on latents of side
         ``image_size / movq.config.downsample_factor``, multiplied by ``latent_scale`` (1.0 as Kandinsky;
-        1/σ of the training latents as Stable Diffusion)."""
+        1/σ of the training latents as Stable Diffusion). ``guidance``: the scale a call uses when it names
+        none (`from_tiny` takes the model card's)."""
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.diffusion = diffusion
         self.image_size = image_size
         self.movq = movq.eval().requires_grad_(False) if movq is not None else None
         self.latent_scale = float(latent_scale)
+        self.guidance = float(guidance)
         if movq is not None and image_size % movq.config.downsample_factor:
             raise ValueError(f"image_size={image_size} is not divisible by the MoVQ's factor "
                              f"{movq.config.downsample_factor}")
@@ -190,7 +193,7 @@ class Pipeline:
 
             movq = load_tiny_movq(recipe["latent"])
         return cls(model, tokenizer, GaussianDiffusion(schedules.betas_by_name(recipe["schedule"])), recipe["image_size"],
-                   movq=movq, latent_scale=recipe.get("latent_scale") or 1.0)
+                   movq=movq, latent_scale=recipe.get("latent_scale") or 1.0, guidance=recipe.get("guidance", 4.0))
 
     @torch.no_grad()
     def encode(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,7 +229,7 @@ class Pipeline:
         self,
         prompts: str | Sequence[str],
         steps: int = 50,
-        guidance: float = 4.0,
+        guidance: float | None = None,
         sampler: Literal["ddim", "ddpm"] = "ddim",
         eta: float = 0.0,
         seed: int = 0,
@@ -252,6 +255,8 @@ class Pipeline:
         """
         if threshold is None:
             threshold = "static" if self.movq is None else "none"
+        if guidance is None:
+            guidance = self.guidance  # the model card's (4 unless the card says otherwise)
         check_sampling_args(steps, guidance, sampler, images_per_prompt, threshold, start)
         if self.movq is not None and start != "noise":
             raise ValueError(f"start={start!r}: a latent model starts from N(0, I) (start='noise'); the data-mean "

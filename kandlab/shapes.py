@@ -39,6 +39,7 @@ scorable from slightly blurry generated pixels:
 
 from __future__ import annotations
 
+import math
 import textwrap
 from dataclasses import dataclass
 from functools import lru_cache
@@ -800,6 +801,50 @@ def count_confusion(images, captions: Sequence[str]) -> np.ndarray:
         for group in scene.groups:
             matrix[group.count - 1, min(drawn.count(group.colour), MAX_DRAWN)] += 1
     return matrix
+
+
+def _majority_shape(blobs: list[Blob]) -> str | None:
+    shapes_seen = [b.shape for b in blobs]
+    return max(set(shapes_seen), key=shapes_seen.count) if shapes_seen else None
+
+
+def binding_outcomes(images, captions: Sequence[str]) -> list[str | None]:
+    """Attribute binding on two-group captions whose groups differ in shape ("a red circle left of a blue
+    square"): for each image, ``"bound"`` when the most common shape among the blobs of each group's
+    colour is that group's shape, ``"swapped"`` when it is the *other* group's (the colours and shapes are
+    all there, but exchanged: a blue circle and a red square), ``"other"`` otherwise (a colour missing, a
+    third shape, both groups the same shape). None for captions with one group or one shape for both.
+
+    The swap is the failure that a pooled embedding invites: the same bag of words, the attributes
+    attached to the wrong objects (lesson 08).
+    """
+    blobs, scenes, _ = _detections(images, captions)
+    out: list[str | None] = []
+    for found, scene in zip(blobs, scenes):
+        if scene.relation is None or scene.groups[0].shape == scene.groups[1].shape:
+            out.append(None)
+            continue
+        a, b = scene.groups
+        drawn = [_majority_shape([x for x in found if x.colour == g.colour]) for g in (a, b)]
+        out.append("bound" if drawn == [a.shape, b.shape] else "swapped" if drawn == [b.shape, a.shape] else "other")
+    return out
+
+
+def binding_rates(images, captions: Sequence[str]) -> dict[str, float | int]:
+    """`binding_outcomes` summed up: the shares of ``bound``, ``swapped`` and ``other`` among the n images that
+    have an outcome, the swap rate among the decided ones (bound or swapped), and standard errors."""
+    outcomes = [o for o in binding_outcomes(images, captions) if o is not None]
+    n = len(outcomes)
+    if n == 0:
+        raise ValueError("no caption has two groups of different shapes; binding needs e.g. "
+                         "'a red circle left of a blue square'")
+    share = {k: outcomes.count(k) / n for k in ("bound", "swapped", "other")}
+    decided = outcomes.count("bound") + outcomes.count("swapped")
+    swap_given = outcomes.count("swapped") / decided if decided else None
+    return {**{k: round(v, 4) for k, v in share.items()}, "n": n,
+            "swapped_se": round(math.sqrt(share["swapped"] * (1 - share["swapped"]) / n), 4),
+            "swap_rate_decided": round(swap_given, 4) if decided else None, "decided": decided,
+            "swap_rate_decided_se": round(math.sqrt(swap_given * (1 - swap_given) / decided), 4) if decided else None}
 
 
 def count_error_shares(matrix) -> dict[str, float]:
