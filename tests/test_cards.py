@@ -29,13 +29,29 @@ def test_cards_render_scores_with_their_sample_size_and_standard_error():
     shipped = _shipped()
     for name, card in shipped.items():
         text = cards.model_card(card, shipped)
-        if "eval" in card:  # an autoencoder: no ShapesBench samples of its own (test below)
+        if "eval" in card or card.get("kind") in ("clip", "prior"):  # no ShapesBench samples of their own
             continue
         score = card.get("source", card)["score"]
         n = f"{score['prompts']} prompts" if "prompts" in score else f"{score['samples']} samples"
         assert n in text and score["sampler"] in text, name
         key = "shapesbench_overall" if "shapesbench_overall" in score else "shapesbench_plausible"
         assert cards.score_cell(score, key) in text and "±" in cards.score_cell(score, key), name
+
+
+def test_unclip_cards_render_their_measurements_with_n_and_standard_errors():
+    shipped = _shipped()
+    for name, heading, table in (("clip_tiny", "## Retrieval and binding", "retrieval"),
+                                 ("prior_tiny", "## Similarity to the true image embedding", "similarity")):
+        if name not in shipped:
+            pytest.skip(f"{name} is not shipped")
+        text = cards.model_card(shipped[name], shipped)
+        assert heading in text and "{" not in text.replace("{}", ""), name
+        if table == "retrieval":
+            r = shipped[name]["retrieval"]["position"]
+            assert f"| position | {r['accuracy']:.3f} ± {r['se']:.3f} | {r['chance']:.3f} | {r['n']} |" in text
+        else:
+            r = shipped[name]["similarity"]["prior"]
+            assert f"{r['mean']:.3f} ± {r['se']:.3f} | {r['n']} |" in text
 
 
 def test_the_text_model_card_keeps_its_history_stages_and_failure_modes():

@@ -93,3 +93,20 @@ def test_an_upscale_too_large_for_memory_is_refused_with_the_largest_that_fits(c
     if SHIPPED:
         assert cli.main(["generate", "one red circle", "--upscale", "100000", "-o", str(tmp_path / "x.png")]) == 2
         assert f"is {most}" in capsys.readouterr().err
+
+
+def test_sampling_defaults_come_from_the_model():
+    """--guidance and --threshold default to None: the model card's guidance, and the pipeline's threshold (static
+    for a pixel model, none for a latent one, whose latents have no [-1, 1] range to clip to)."""
+    from kandlab import cli
+
+    args = cli.build_parser().parse_args(["generate", "a red circle"])
+    assert args.guidance is None and args.threshold is None
+
+
+def test_unclip_refuses_options_it_does_not_have(tmp_path, capsys):
+    from kandlab import cli
+
+    assert cli.main(["generate", "a red circle", "--model", "unclip", "--sampler", "ddpm",
+                     "-o", str(tmp_path / "x.png")]) == 2
+    assert "DDIM" in capsys.readouterr().err
