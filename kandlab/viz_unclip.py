@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import textwrap
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -19,25 +21,30 @@ def plot_similarity(sim: torch.Tensor, images: torch.Tensor, captions: Sequence[
     """CLIP's cosine similarities (n images × n captions) as a heatmap, the images above their columns.
     sim (n, n) with sim[i, j] = cos(image i, caption j); the diagonal holds the true pairs."""
     n = len(images)
-    fig = plt.figure(figsize=(1.0 * n + 3.2, 1.0 * n + 1.6))
-    grid = fig.add_gridspec(2, 2, width_ratios=[3.2, n], height_ratios=[1, n], wspace=0.02, hspace=0.02)
+    fig = plt.figure(figsize=(0.9 * n + 2.6, 0.9 * n + 1.4))
+    grid = fig.add_gridspec(2, 2, width_ratios=[2.6, 0.9 * n], height_ratios=[0.9, 0.9 * n], wspace=0.02, hspace=0.04,
+                            left=0.02, right=0.98, top=0.9, bottom=0.06)
     strip = grid[0, 1].subgridspec(1, n, wspace=0.05)
     for j in range(n):
         ax = fig.add_subplot(strip[0, j])
         ax.imshow(to_image(images[j]), interpolation="nearest")
         ax.set_axis_off()
     ax = fig.add_subplot(grid[1, 1])
-    im = ax.imshow(sim.T.numpy(), cmap="viridis", vmin=float(sim.min()), vmax=float(sim.max()))
+    ax.imshow(sim.T.numpy(), cmap="viridis", vmin=float(sim.min()), vmax=float(sim.max()), aspect="auto")
     for i in range(n):
         for j in range(n):
-            ax.text(i, j, f"{float(sim[i, j]):.2f}", ha="center", va="center", fontsize=7,
+            ax.text(i, j, f"{float(sim[i, j]):.2f}", ha="center", va="center", fontsize=8,
                     color="black" if float(sim[i, j]) > float(sim.mean()) else "white")
-    ax.set_yticks(range(n), [c if len(c) < 40 else c[:38] + "…" for c in captions], fontsize=7)
+    ax.set_yticks(range(n), [c if len(c) < 40 else c[:38] + "…" for c in captions], fontsize=8)
     ax.yaxis.tick_left()
-    ax.set_xticks(range(n), [f"image {i}" for i in range(n)], fontsize=7)
-    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
-    fig.suptitle(title, fontsize=10)
+    ax.set_xticks(range(n), [f"image {i}" for i in range(n)], fontsize=8)
+    fig.suptitle(title + " (the number in each cell; brighter = more similar)", fontsize=10)
     return fig
+
+
+def _wrap(text: str, width: int, lines: int) -> str:
+    """``text`` in at most ``lines`` lines of ``width`` characters (the rest cut with an ellipsis)."""
+    return "\n".join(textwrap.wrap(text, width, max_lines=lines, placeholder="…"))
 
 
 def _top_k(clip, tokenizer, caption: str, images: torch.Tensor, image_embeds: torch.Tensor, k: int):
@@ -53,28 +60,31 @@ def plot_retrieval(caption: str, images: torch.Tensor, order: torch.Tensor, sims
                    captions: Sequence[str] | None = None) -> plt.Figure:
     """The k images nearest to a caption, best first, each with its cosine similarity (and true caption)."""
     k = len(order)
-    fig, axes = plt.subplots(1, k, figsize=(1.45 * k, 2.1), squeeze=False)
+    fig, axes = plt.subplots(1, k, figsize=(1.5 * k, 2.4), squeeze=False)
     for ax, i in zip(axes[0], order.tolist()):
         ax.imshow(to_image(images[i]), interpolation="nearest")
         title = f"cos {float(sims[i]):.3f}"
         if captions is not None:
-            title += "\n" + (captions[i] if len(captions[i]) < 26 else captions[i][:24] + "…")
-        ax.set_title(title, fontsize=6.5)
+            title += "\n" + _wrap(captions[i], 18, 2)
+        ax.set_title(title, fontsize=8)
         ax.set_axis_off()
     fig.suptitle(f"nearest images to “{caption}”", fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def retrieval_widget(clip, tokenizer, images: torch.Tensor, captions: Sequence[str], prompt: str, k: int = 8):
-    """Type a caption; see the k held-out images whose CLIP embeddings are nearest to its text embedding.
-    images (N, 3, 64, 64); their embeddings are computed once."""
+def retrieval_widget(clip, tokenizer, images: torch.Tensor, captions: Sequence[str], prompts: Sequence[str], k: int = 8):
+    """Type a caption (or pick an example); see the k held-out images whose CLIP embeddings are nearest to its text
+    embedding. images (N, 3, 64, 64); their embeddings are computed once."""
     import ipywidgets as widgets
 
     with torch.no_grad():
         embeds = torch.cat([clip.image_tower(images[i:i + 256])[1] for i in range(0, len(images), 256)])
-    text = widgets.Text(value=prompt, description="caption", continuous_update=False,
+    examples = widgets.Dropdown(options=list(prompts), value=prompts[0], description="example",
+                                layout=widgets.Layout(width="520px"))
+    text = widgets.Text(value=prompts[0], description="caption", continuous_update=False,
                         layout=widgets.Layout(width="520px"))
+    examples.observe(lambda change: setattr(text, "value", change["new"]), names="value")
 
     def draw() -> None:
         try:
@@ -84,7 +94,7 @@ def retrieval_widget(clip, tokenizer, images: torch.Tensor, captions: Sequence[s
             return
         _show(plot_retrieval(text.value, images, order, sims, captions))
 
-    return _live_panel([text], [text], draw)
+    return _live_panel([examples, text], [text], draw)
 
 
 def plot_binding(rates: Mapping[str, Mapping[str, float]], title: str) -> plt.Figure:
@@ -121,9 +131,9 @@ def plot_strip(images: torch.Tensor, labels: Sequence[str], title: str, rows: Se
             axes[r, k].set_xticks([])
             axes[r, k].set_yticks([])
             if r == R - 1:
-                axes[r, k].set_xlabel(labels[k], fontsize=7)
+                axes[r, k].set_xlabel(labels[k], fontsize=8)
         if rows:
-            axes[r, 0].set_ylabel(rows[r], fontsize=8)
+            axes[r, 0].set_ylabel(_wrap(rows[r], 16, 3), fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig

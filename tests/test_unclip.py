@@ -213,3 +213,29 @@ def test_shipped_pipeline_draws_its_prompt():
     verdicts = shapes.score_per_image(images, prompts)
     assert images.shape == (2, 3, 64, 64)
     assert sum(v["colour"] for v in verdicts) >= 1  # a colour is the easiest thing for an embedding to keep
+
+
+# -- the training loops (a few steps, in a temporary run folder) -----------------------------------------
+
+
+def test_clip_training_resumes_where_it_stopped(tmp_path):
+    from kandlab.train_unclip import train_clip
+
+    recipe = ClipRecipe(steps=2, num_images=64, batch_size=8, save_every=1)
+    _, log = train_clip(recipe, tmp_path, progress=False)
+    assert log["step"] == 2 and len(log["losses"]) == 2 and (tmp_path / "clip_tiny" / "state.pt").exists()
+    recipe.steps = 3
+    _, log = train_clip(recipe, tmp_path, progress=False)
+    assert log["step"] == 3 and len(log["losses"]) == 3  # two steps kept from the first run, one new
+
+
+@pytest.mark.skipif(not (DATA / "clip_tiny.safetensors").exists(), reason="needs the shipped clip_tiny")
+def test_prior_and_decoder_training_run(tmp_path):
+    from kandlab.train_unclip import DecoderRecipe, PriorRecipe, train_decoder, train_prior
+
+    prior, log = train_prior(PriorRecipe(steps=2, num_images=64, batch_size=8), tmp_path, progress=False)
+    assert log["step"] == 2 and all(torch.isfinite(torch.tensor(log["losses"])))
+    assert (prior.clip_std > 0).all()  # set from the training embeddings before the first step
+    decoder, log = train_decoder(DecoderRecipe(steps=2, num_images=64, batch_size=4), tmp_path, progress=False)
+    assert log["step"] == 2 and log["init"]["from"] == "latent_text"
+    assert (tmp_path / "decoder_tiny" / "latents_and_embeds.pt").exists()
