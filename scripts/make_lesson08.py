@@ -617,13 +617,13 @@ unit vectors 90° apart has length 0.71. DALL-E 2 (§3.1) interpolates along the
 """)
 
 code(r"""
-a, b = images[0], images[3]
+a, b = images[1], images[3]
 ws = [0.0, 0.25, 0.5, 0.75, 1.0]
 with torch.no_grad():
     ea, eb = pipe.embed_images(torch.stack([a, b]))
     paths = {"lerp": torch.stack([(1 - w) * ea + w * eb for w in ws]), "slerp": torch.stack([unclip.slerp(ea, eb, w) for w in ws])}
     strips = torch.stack([pipe.decode_embeddings(e, steps=STEPS, seed=0) for e in paths.values()])   # (2, 5, 3, 64, 64)
-fig = viz_unclip.plot_strip(strips, [f"w = {w:g}" for w in ws], f"from “{captions[0]}” to “{captions[3]}”",
+fig = viz_unclip.plot_strip(strips, [f"w = {w:g}" for w in ws], f"from “{captions[1]}” to “{captions[3]}”",
                             rows=list(paths))
 norms = {name: e.norm(dim=-1) for name, e in paths.items()}
 print("embedding norms along the path: " + "; ".join(f"{k}: " + ", ".join(f"{float(x):.1f}" for x in v)
