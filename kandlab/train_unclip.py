@@ -40,6 +40,7 @@ from kandlab.decoder import DecoderConfig, ImageConditionedUNet, drop_image_embe
 from kandlab.diffusion import GaussianDiffusion
 from kandlab.prior import PriorConfig, PriorTransformer, UnCLIPSampler
 from kandlab.tokenizer import ShapesTokenizer
+from kandlab.unclip import empty_caption
 
 IMAGE_SIZE = 64
 MAX_LENGTH = 16  # tokens per caption, as every text model of the course
@@ -299,8 +300,10 @@ def embed_texts(clip: CLIP, captions: list[str], batch: int = 1024) -> tuple[Ten
 
 
 def _standard_error(hits: list[bool]) -> float:
-    p = float(np.mean(hits))
-    return math.sqrt(p * (1 - p) / max(1, len(hits)))
+    """Standard error of the share of hits (`course.share_se`)."""
+    from kandlab.course import share_se
+
+    return share_se(float(np.mean(hits)), len(hits))
 
 
 @torch.no_grad()
@@ -367,12 +370,6 @@ def clip_binding(clip: CLIP, n: int = 512, seed: int = 2024) -> dict:
 
 # ---------------------------------------------------------------------------
 # 4. The prior
-
-
-def empty_caption(batch: int, length: int) -> dict[str, Tensor]:
-    from kandlab.unclip import empty_caption as empty
-
-    return empty(batch, length)
 
 
 def encode_world_for_prior(clip: CLIP, images: Tensor, captions: list[str], progress: bool = True) -> dict[str, Tensor]:
@@ -464,8 +461,11 @@ def train_prior(recipe: PriorRecipe, run_dir: Path | str = "runs", resume: bool 
 
 
 def _mean_se(values: Tensor) -> dict:
-    v = values.double()
-    return {"mean": round(v.mean().item(), 4), "se": round((v.std() / math.sqrt(len(v))).item(), 4), "n": len(v)}
+    """`course.mean_se` of a (n,) tensor, as a card entry."""
+    from kandlab.course import mean_se
+
+    mean, se = mean_se(values)
+    return {"mean": round(mean, 4), "se": round(se, 4), "n": len(values)}
 
 
 @torch.no_grad()

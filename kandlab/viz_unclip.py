@@ -47,7 +47,7 @@ def _wrap(text: str, width: int, lines: int) -> str:
     return "\n".join(textwrap.wrap(text, width, max_lines=lines, placeholder="…"))
 
 
-def _top_k(clip, tokenizer, caption: str, images: torch.Tensor, image_embeds: torch.Tensor, k: int):
+def _top_k(clip, tokenizer, caption: str, image_embeds: torch.Tensor, k: int):
     batch = tokenizer([caption])
     with torch.no_grad():
         text = F.normalize(clip.text_tower(batch["input_ids"], batch["attention_mask"])[1], dim=-1)[0]
@@ -88,7 +88,7 @@ def retrieval_widget(clip, tokenizer, images: torch.Tensor, captions: Sequence[s
 
     def draw() -> None:
         try:
-            order, sims = _top_k(clip, tokenizer, text.value, images, embeds, k)
+            order, sims = _top_k(clip, tokenizer, text.value, embeds, k)
         except ValueError as err:  # an empty caption or words the tokenizer does not know
             print(f"{err}")
             return
