@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from kandlab import schedules, shapes, weights
 from kandlab.clip import CLIP, CLIPTextConfig, CLIPVisionConfig
 from kandlab.decoder import DecoderConfig, ImageConditionedUNet, drop_image_embeds
-from kandlab.diffusion import GaussianDiffusion
+from kandlab.diffusion import GaussianDiffusion, TimestepSampling, sample_timesteps
 from kandlab.prior import PriorConfig, PriorTransformer, UnCLIPSampler
 from kandlab.tokenizer import ShapesTokenizer
 from kandlab.unclip import empty_caption
@@ -112,10 +112,12 @@ def prior_regression() -> PriorRecipe:
 class DecoderRecipe:
     """The image-embedding decoder: ``ImageConditionedUNet`` on movq_tiny latents, from latent_text's UNet."""
 
-    name: str = "decoder_tiny"
+    name: str = "decoder_tiny"  # the run (runs/<name>/) and, for the last stage, the model it ships as
     config: DecoderConfig = field(default_factory=DecoderConfig.tiny)
     clip: str = "clip_tiny"
-    init_from: str | None = "latent_text"  # whose UNet the trunk starts from (None: from scratch)
+    init_from: str | None = "latent_text"  # where it starts (`init_decoder`; None: from scratch)
+    stage: str = "base"
+    ships_as: str = "decoder_tiny"  # data/<ships_as>.safetensors
     latent: str = "movq_tiny"
     latent_scale: float = 2.32  # kandlab.train.LATENT_SCALE, the scale latent_text was trained with
     steps: int = 6000
@@ -124,6 +126,8 @@ class DecoderRecipe:
     warmup: int = 200
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
+    t_sampling: TimestepSampling = "uniform"  # `diffusion.sample_timesteps`
+    t_logit_mean: float = 0.0
     embed_dropout: float = 0.1  # embeddings replaced by zeros, for guidance (drop_image_embeds)
     guidance: float = 4.0  # Kandinsky 2.2's decoder guidance_scale
     sample_steps: int = 50
@@ -138,8 +142,17 @@ class DecoderRecipe:
                         "shapes in movq_tiny's latent space (lesson 08).")
 
 
+def decoder_polish() -> DecoderRecipe:
+    """Stage 2 of ``decoder_tiny``: the base stage's EMA weights, a fresh AdamW at a lower peak rate, decayed to
+    zero again. The base stage's loss was still falling when its cosine rate reached zero (the card's curve)."""
+    return dataclasses.replace(DecoderRecipe(), name="decoder_tiny_polish", stage="polish", init_from="decoder_tiny",
+                               steps=3000, lr=2e-4, warmup=100)
+
+
 RECIPES = {"clip-tiny": ClipRecipe, "prior-tiny": PriorRecipe, "prior-tiny-regression": prior_regression,
-           "decoder-tiny": DecoderRecipe}
+           "decoder-tiny": DecoderRecipe, "decoder-tiny-polish": decoder_polish}
+# The models trained in stages: ``kandlab train <model>`` runs them in order, each stage starting from the one before.
+STAGES = {"decoder-tiny": ("decoder-tiny", "decoder-tiny-polish")}
 
 
 # ---------------------------------------------------------------------------
@@ -534,6 +547,48 @@ def init_from_text_model(decoder: ImageConditionedUNet, name: str) -> dict:
     return {"from": name, "sha256": weights.read_manifest().get(f"{name}.safetensors"), "tensors": len(unet_state)}
 
 
+def init_decoder(decoder: ImageConditionedUNet, name: str, run_dir: Path | str = "runs") -> dict:
+    """Where a decoder run starts, by the name in ``recipe.init_from``:
+
+    - an earlier stage of the same rebuild, ``runs/<name>/state.pt``, when it exists: its EMA weights;
+    - else a shipped decoder ``data/<name>`` (a later stage continuing the shipped model): its weights;
+    - else a shipped text-to-image model (`init_from_text_model`).
+
+    Returns the card's note; for a decoder, ``earlier`` holds that stage's facts for the card's stage table."""
+    state_path = Path(run_dir) / name / "state.pt"
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        decoder.load_state_dict(state["ema"])
+        log = state["log"]
+        earlier = [{**_run_facts(log, log.get("threads", 1)), **log.get("stage_fields", {})}]
+        return {"from": f"{state_path} (EMA weights at step {log['step']})", "earlier": earlier}
+    card = weights.load_card(f"{name}.safetensors")
+    if card.get("kind") != "decoder":
+        return init_from_text_model(decoder, name)
+    decoder.load_state_dict(weights.load_tiny_state_dict(f"{name}.safetensors"))
+    return {"from": f"data/{name} (shipped EMA weights at step {card['steps']})", "sha256": card["sha256"],
+            "earlier": card.get("stages") or [_stage_of_card(card)]}
+
+
+def _stage_of_card(card: dict) -> dict:
+    """A one-stage decoder card as the first entry of a stage table (with the scores it shipped with)."""
+    keys = ("steps", "wall_time_seconds", "steps_per_second", "hardware", "loss_curve_every_25_steps")
+    recipe = card["recipe"]
+    return {**{k: card[k] for k in keys}, **{k: recipe.get(k, v) for k, v in _STAGE_DEFAULTS.items()},
+            "stage": recipe.get("stage", "base"), "score_at_end": card["score"],
+            "variations_at_end": card.get("variations")}
+
+
+# Stage settings a card's stage table shows, with the value a card written before they were fields implies.
+_STAGE_DEFAULTS = {"lr": 3e-4, "lr_decay": "cosine", "min_snr_gamma": 5.0, "t_sampling": "uniform",
+                   "t_logit_mean": 0.0, "p_relation": 0.75}
+
+
+def _stage_fields(recipe: DecoderRecipe) -> dict:
+    fields = {k: getattr(recipe, k, v) for k, v in _STAGE_DEFAULTS.items()}
+    return {**fields, "stage": recipe.stage}
+
+
 def train_decoder(recipe: DecoderRecipe, run_dir: Path | str = "runs", resume: bool = True,
                   progress: bool = True) -> tuple[ImageConditionedUNet, dict]:
     """ε-prediction on scaled MoVQ latents, conditioned on the CLIP image embedding of the same image (no text)."""
@@ -544,7 +599,7 @@ def train_decoder(recipe: DecoderRecipe, run_dir: Path | str = "runs", resume: b
     run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     model = ImageConditionedUNet(recipe.config)
-    init = init_from_text_model(model, recipe.init_from) if recipe.init_from else None
+    init = init_decoder(model, recipe.init_from, run_dir) if recipe.init_from else None
     ema = ImageConditionedUNet(recipe.config)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
@@ -552,6 +607,7 @@ def train_decoder(recipe: DecoderRecipe, run_dir: Path | str = "runs", resume: b
     state_path = run / "state.pt"
     log = _resume(state_path, {"model": model, "ema": ema}, opt, resume)
     log.setdefault("init", init)
+    log.update(threads=recipe.threads, stage_fields=_stage_fields(recipe))
     if log["step"] >= recipe.steps:
         return ema.eval(), log
     latents, embeds = decoder_data(recipe, run_dir, progress)
@@ -565,7 +621,8 @@ def train_decoder(recipe: DecoderRecipe, run_dir: Path | str = "runs", resume: b
             group["lr"] = lr_at(step, recipe.lr, recipe.warmup, recipe.steps)
         idx = torch.randint(len(latents), (recipe.batch_size,))
         e = drop_image_embeds(embeds[idx], recipe.embed_dropout)  # (B, P)
-        loss = diffusion.loss(model, latents[idx], min_snr_gamma=recipe.min_snr_gamma, image_embeds=e)
+        t = sample_timesteps(recipe.batch_size, diffusion.num_timesteps, recipe.t_sampling, recipe.t_logit_mean)
+        loss = diffusion.loss(model, latents[idx], t, min_snr_gamma=recipe.min_snr_gamma, image_embeds=e)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -581,8 +638,9 @@ def train_decoder(recipe: DecoderRecipe, run_dir: Path | str = "runs", resume: b
 
 def decoder_data(recipe: DecoderRecipe, run_dir: Path | str = "runs", progress: bool = True) -> tuple[Tensor, Tensor]:
     """Scaled MoVQ latents (N, 4, 16, 16) and CLIP image embeddings (N, P) of the training images, computed once
-    and cached in ``run_dir`` (the captions are not used: the decoder learns from images alone)."""
-    path = Path(run_dir) / recipe.name / "latents_and_embeds.pt"
+    and cached in ``run_dir`` for every stage (the captions are not used: the decoder learns from images alone)."""
+    path = (Path(run_dir) / f"decoder_data_{recipe.latent}_{recipe.latent_scale}_{recipe.clip}_{recipe.seed}_"
+                            f"{recipe.num_images}_{recipe.p_relation}.pt")
     if path.exists():
         cached = torch.load(path, weights_only=False)
         return cached["latents"], cached["embeds"]
@@ -695,34 +753,55 @@ def export_prior(recipe: PriorRecipe, prior: PriorTransformer, log: dict, out_di
 
 
 def export_decoder(recipe: DecoderRecipe, ema: ImageConditionedUNet, log: dict, out_dir: Path | None = None) -> Path:
+    """Write ``data/<recipe.ships_as>``: the EMA weights and a card with the scores of the two-stage pipeline and
+    of variations; a stage that continued an earlier one adds it to the card's stage table and totals."""
+    from kandlab.train_movq import load_tiny_movq
     from kandlab.unclip import UnCLIPPipeline, unclip_scores, variation_scores
 
     config = asdict(recipe.config)
-    card = {"name": recipe.name, "description": recipe.description, "kind": "decoder",
+    init = dict(log.get("init") or {})
+    earlier = init.pop("earlier", None)
+    card = {"name": recipe.ships_as, "description": recipe.description, "kind": "decoder",
             "recipe": _recipe_fields(recipe), "decoder_config": config, "unet_config": config["unet"],
-            "init": log.get("init"), "parameters": sum(p.numel() for p in ema.parameters()),
+            "init": init or None, "parameters": sum(p.numel() for p in ema.parameters()),
             **_run_facts(log, recipe.threads), "rebuild": "kandlab train decoder-tiny"}
-    path = _write(recipe.name, ema.state_dict(), card, out_dir)  # the pipeline below loads the file just written
-    pipe = UnCLIPPipeline.from_tiny(decoder=recipe.name)
+    if earlier:
+        card.update(_stage_totals(earlier, card, recipe, init["from"]))
+    pipe = UnCLIPPipeline(load_tiny_clip(recipe.clip), load_tiny_prior(), ema, load_tiny_movq(recipe.latent),
+                          recipe.latent_scale, ShapesTokenizer.from_shapes(max_length=MAX_LENGTH))
     card["score"] = unclip_scores(pipe, recipe.n_eval)
     card["variations"] = variation_scores(pipe, recipe.n_eval)
-    return _write(recipe.name, ema.state_dict(), card, out_dir)
+    return _write(recipe.ships_as, ema.state_dict(), card, out_dir)
+
+
+def _stage_totals(earlier: list[dict], card: dict, recipe: DecoderRecipe, continued_from: str) -> dict:
+    """The card fields of a staged decoder: one entry per stage, and steps, wall time and loss curve in total."""
+    keys = ("steps", "wall_time_seconds", "steps_per_second", "hardware")
+    stages = [{k: v for k, v in stage.items() if k != "loss_curve_every_25_steps"} for stage in earlier]
+    stages.append({**{k: card[k] for k in keys}, **_stage_fields(recipe), "continued_from": continued_from})
+    steps, seconds = sum(s["steps"] for s in stages), sum(s["wall_time_seconds"] for s in stages)
+    curve = [v for stage in earlier for v in stage.get("loss_curve_every_25_steps", [])]
+    return {"stages": stages, "steps": steps, "wall_time_seconds": round(seconds, 1),
+            "steps_per_second": round(steps / seconds, 3),
+            "loss_curve_every_25_steps": curve + card["loss_curve_every_25_steps"]}
 
 
 def rebuild(recipe_name: str, steps: int | None = None, run_dir: Path | str = "runs", resume: bool = True,
             export: bool = True, progress: bool = True) -> list[Path]:
-    """Train one recipe (``prior-tiny``: the prior and then its regression baseline) and export it."""
+    """Train one recipe (``prior-tiny``: the prior and then its regression baseline; ``decoder-tiny``: its two
+    stages, base and polish, in ``runs/decoder_tiny`` and ``runs/decoder_tiny_polish``) and export it."""
     if recipe_name not in RECIPES:
         raise ValueError(f"unknown unCLIP recipe {recipe_name!r}; choose one of {', '.join(RECIPES)}")
-    names = ["prior-tiny", "prior-tiny-regression"] if recipe_name == "prior-tiny" else [recipe_name]
+    stages = STAGES.get(recipe_name, ())
+    names = ["prior-tiny", "prior-tiny-regression"] if recipe_name == "prior-tiny" else list(stages) or [recipe_name]
     written = []
     for name in names:
         recipe = RECIPES[name]()
-        if steps is not None:
+        if steps is not None:  # every stage (a short smoke run)
             recipe.steps = steps
         train_fn, export_fn = {ClipRecipe: (train_clip, export_clip), PriorRecipe: (train_prior, export_prior),
                                DecoderRecipe: (train_decoder, export_decoder)}[type(recipe)]
         model, log = train_fn(recipe, run_dir, resume, progress)
-        if export:
+        if export and (not stages or name == stages[-1]):  # a staged model ships once, after its last stage
             written.append(export_fn(recipe, model, log))
     return written

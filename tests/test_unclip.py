@@ -238,4 +238,35 @@ def test_prior_and_decoder_training_run(tmp_path):
     assert (prior.clip_std > 0).all()  # set from the training embeddings before the first step
     decoder, log = train_decoder(DecoderRecipe(steps=2, num_images=64, batch_size=4), tmp_path, progress=False)
     assert log["step"] == 2 and log["init"]["from"] == "latent_text"
-    assert (tmp_path / "decoder_tiny" / "latents_and_embeds.pt").exists()
+    assert len(list(tmp_path.glob("decoder_data_movq_tiny_*.pt"))) == 1  # cached once for every stage
+
+
+@pytest.mark.skipif(not SHIPPED, reason="needs the shipped unCLIP models")
+def test_decoder_stage_two_continues_stage_one(tmp_path):
+    """A later stage starts from the EMA weights of the stage before it (in a rebuild: runs/<stage>/state.pt),
+    else from the shipped decoder; its card sums the stages."""
+    import dataclasses
+
+    from kandlab import weights
+    from kandlab.train_unclip import DecoderRecipe, _stage_totals, decoder_polish, init_decoder, train_decoder
+
+    small = dict(num_images=64, batch_size=4, save_every=1)
+    shipped = ImageConditionedUNet(DecoderConfig.tiny())
+    note = init_decoder(shipped, "decoder_tiny", tmp_path)  # no run of that name here: the shipped weights
+    want = weights.load_tiny_state_dict("decoder_tiny.safetensors")
+    assert all(torch.equal(v, want[k]) for k, v in shipped.state_dict().items())
+    assert note["from"].startswith("data/decoder_tiny") and note["earlier"][-1]["steps"] > 0
+
+    base, _ = train_decoder(DecoderRecipe(steps=2, **small), tmp_path, progress=False)
+    polish = dataclasses.replace(decoder_polish(), steps=1, **small)
+    model, log = train_decoder(polish, tmp_path, progress=False)
+    assert log["init"]["from"].startswith(str(tmp_path / "decoder_tiny" / "state.pt"))
+    [earlier] = log["init"]["earlier"]
+    assert earlier["steps"] == 2 and earlier["stage"] == "base" and earlier["lr"] == DecoderRecipe().lr
+    assert log["stage_fields"]["stage"] == "polish" and log["stage_fields"]["lr"] == polish.lr
+    facts = {"steps": 1, "wall_time_seconds": 3.0, "steps_per_second": 1 / 3, "hardware": {},
+             "loss_curve_every_25_steps": [0.5]}
+    totals = _stage_totals(log["init"]["earlier"], facts, polish, log["init"]["from"])
+    assert [s["steps"] for s in totals["stages"]] == [2, 1] and totals["steps"] == 3
+    assert totals["wall_time_seconds"] == round(earlier["wall_time_seconds"] + 3.0, 1)
+    assert totals["loss_curve_every_25_steps"][-1] == 0.5 and len(totals["loss_curve_every_25_steps"]) == 2
