@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from kandlab.decoder import DecoderConfig, ImageConditionedUNet, drop_image_embe
 from kandlab.diffusion import GaussianDiffusion, TimestepSampling, sample_timesteps
 from kandlab.prior import PriorConfig, PriorTransformer, UnCLIPSampler
 from kandlab.tokenizer import ShapesTokenizer
-from kandlab.unclip import empty_caption
+from kandlab.unclip import embed_images, embed_texts, empty_caption
 
 IMAGE_SIZE = 64
 MAX_LENGTH = 16  # tokens per caption, as every text model of the course
@@ -219,6 +220,33 @@ def _save(state_path: Path, modules: dict[str, torch.nn.Module], opt: torch.opti
                 "rng": torch.get_rng_state()}, state_path)
 
 
+def _optimise(recipe, step_loss: Callable[[], Tensor], modules: dict[str, torch.nn.Module],
+              opt: torch.optim.Optimizer, log: dict, state_path: Path, progress: bool,
+              after_step: Callable[[], None] | None = None) -> dict:
+    """The loop all three recipes share, from ``log["step"]`` to ``recipe.steps``: the step's rate (`lr_at`), one
+    AdamW step on ``step_loss()`` (which draws its own batch), ``after_step()`` (CLIP's temperature cap, the
+    decoder's EMA), the log, and ``state.pt`` every ``recipe.save_every`` steps and at the last."""
+    start = time.perf_counter() - log["seconds"]
+    bar = tqdm(range(log["step"], recipe.steps), desc=recipe.name, disable=not progress, initial=log["step"],
+               total=recipe.steps)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe.lr, recipe.warmup, recipe.steps)
+        loss = step_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+        log["losses"].append(round(loss.item(), 5))
+        log["step"] = step + 1
+        log["seconds"] = time.perf_counter() - start
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % recipe.save_every == 0 or step + 1 == recipe.steps:
+            _save(state_path, modules, opt, log)
+    return log
+
+
 # ---------------------------------------------------------------------------
 # 3. CLIP
 
@@ -238,25 +266,16 @@ def train_clip(recipe: ClipRecipe, run_dir: Path | str = "runs", resume: bool = 
         return model.eval(), log
     images, captions = world(recipe.num_images, recipe.p_relation, recipe.seed, run_dir, progress)
     tokens = tokenize(captions)
-    start = time.perf_counter() - log["seconds"]
-    bar = tqdm(range(log["step"], recipe.steps), desc=recipe.name, disable=not progress, initial=log["step"],
-               total=recipe.steps)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, recipe.lr, recipe.warmup, recipe.steps)
+
+    def step_loss() -> Tensor:
         idx = torch.randint(len(images), (recipe.batch_size,))
-        loss = model.loss(tokens["input_ids"][idx], images[idx], tokens["attention_mask"][idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        return model.loss(tokens["input_ids"][idx], images[idx], tokens["attention_mask"][idx])
+
+    def cap_temperature() -> None:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on 1/τ
-        log["losses"].append(round(loss.item(), 5))
-        log["step"] = step + 1
-        log["seconds"] = time.perf_counter() - start
-        bar.set_postfix(loss=f"{loss.item():.3f}", inv_tau=f"{model.logit_scale.exp().item():.1f}")
-        if (step + 1) % recipe.save_every == 0 or step + 1 == recipe.steps:
-            _save(state_path, {"model": model}, opt, log)
+
+    log = _optimise(recipe, step_loss, {"model": model}, opt, log, state_path, progress, cap_temperature)
     return model.eval(), log
 
 
@@ -292,24 +311,6 @@ def swap_attributes(scene: shapes.Scene, attribute: str = "colour") -> shapes.Sc
     swapped = (dataclasses.replace(a, **{attribute: getattr(b, attribute)}),
                dataclasses.replace(b, **{attribute: getattr(a, attribute)}))
     return shapes.Scene(swapped, scene.relation)
-
-
-@torch.no_grad()
-def embed_images(clip: CLIP, images: Tensor, batch: int = 256) -> Tensor:
-    """Images (N, 3, 64, 64) → CLIP image embeddings (N, P), not normalised (what the prior models)."""
-    return torch.cat([clip.image_tower(images[i:i + batch])[1] for i in range(0, len(images), batch)])
-
-
-@torch.no_grad()
-def embed_texts(clip: CLIP, captions: list[str], batch: int = 1024) -> tuple[Tensor, Tensor, Tensor]:
-    """Captions → (last hidden states (N, L, D), pooled text embeddings (N, P), bool mask (N, L))."""
-    tok = tokenize(captions)
-    hidden, pooled = [], []
-    for i in range(0, len(captions), batch):
-        h, p = clip.text_tower(tok["input_ids"][i:i + batch], tok["attention_mask"][i:i + batch])
-        hidden.append(h)
-        pooled.append(p)
-    return torch.cat(hidden), torch.cat(pooled), tok["attention_mask"].bool()
 
 
 def _standard_error(hits: list[bool]) -> float:
@@ -448,28 +449,17 @@ def train_prior(recipe: PriorRecipe, run_dir: Path | str = "runs", resume: bool 
         prior.set_clip_stats(data["image_embeds"])
     x0_all = prior.pre_process_latents(data["image_embeds"])  # (N, P)
     sampler = UnCLIPSampler()
-    start = time.perf_counter() - log["seconds"]
-    bar = tqdm(range(log["step"], recipe.steps), desc=recipe.name, disable=not progress, initial=log["step"],
-               total=recipe.steps)
-    for step in bar:
+
+    def step_loss() -> Tensor:
         prior.train()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, recipe.lr, recipe.warmup, recipe.steps)
         idx = torch.randint(len(x0_all), (recipe.batch_size,))
         drop = torch.rand(recipe.batch_size) < (0.0 if recipe.regression else recipe.cond_dropout)
         hidden, pooled, mask = prior_inputs(data, idx, drop)
         t = torch.randint(sampler.num_train_timesteps, (recipe.batch_size,))
-        loss = prior_loss(prior, sampler, x0_all[idx], hidden, pooled, mask, t, torch.randn_like(x0_all[idx]),
+        return prior_loss(prior, sampler, x0_all[idx], hidden, pooled, mask, t, torch.randn_like(x0_all[idx]),
                           recipe.regression)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        log["losses"].append(round(loss.item(), 5))
-        log["step"] = step + 1
-        log["seconds"] = time.perf_counter() - start
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % recipe.save_every == 0 or step + 1 == recipe.steps:
-            _save(state_path, {"model": prior}, opt, log)
+
+    log = _optimise(recipe, step_loss, {"model": prior}, opt, log, state_path, progress)
     return prior.eval(), log
 
 
@@ -612,27 +602,16 @@ def train_decoder(recipe: DecoderRecipe, run_dir: Path | str = "runs", resume: b
         return ema.eval(), log
     latents, embeds = decoder_data(recipe, run_dir, progress)
     diffusion = GaussianDiffusion(schedules.betas_by_name("cosine"))
-    start = time.perf_counter() - log["seconds"]
-    bar = tqdm(range(log["step"], recipe.steps), desc=recipe.name, disable=not progress, initial=log["step"],
-               total=recipe.steps)
-    for step in bar:
+
+    def step_loss() -> Tensor:
         model.train()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, recipe.lr, recipe.warmup, recipe.steps)
         idx = torch.randint(len(latents), (recipe.batch_size,))
         e = drop_image_embeds(embeds[idx], recipe.embed_dropout)  # (B, P)
         t = sample_timesteps(recipe.batch_size, diffusion.num_timesteps, recipe.t_sampling, recipe.t_logit_mean)
-        loss = diffusion.loss(model, latents[idx], t, min_snr_gamma=recipe.min_snr_gamma, image_embeds=e)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema_update(ema, model, recipe.ema_decay)
-        log["losses"].append(round(loss.item(), 5))
-        log["step"] = step + 1
-        log["seconds"] = time.perf_counter() - start
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % recipe.save_every == 0 or step + 1 == recipe.steps:
-            _save(state_path, {"model": model, "ema": ema}, opt, log)
+        return diffusion.loss(model, latents[idx], t, min_snr_gamma=recipe.min_snr_gamma, image_embeds=e)
+
+    log = _optimise(recipe, step_loss, {"model": model, "ema": ema}, opt, log, state_path, progress,
+                    lambda: ema_update(ema, model, recipe.ema_decay))
     return ema.eval(), log
 
 

@@ -68,14 +68,10 @@ class UnCLIPPipeline:
 
     # -- stage 0: CLIP ----------------------------------------------------------------
 
-    @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """Prompts → CLIP text hidden states (B, L, D), pooled embeddings (B, P), bool mask (B, L)."""
-        batch = self.tokenizer(prompts)
-        hidden, pooled = self.clip.text_tower(batch["input_ids"], batch["attention_mask"])
-        return hidden, pooled, batch["attention_mask"].bool()
+        return embed_texts(self.clip, check_prompts(prompts, self.tokenizer), self.tokenizer)
 
-    @torch.no_grad()
     def embed_images(self, images: Tensor) -> Tensor:
         """Images (B, 3, 64, 64) in [-1, 1] → CLIP image embeddings (B, P), as the decoder was trained on."""
         S = self.image_size
@@ -83,7 +79,7 @@ class UnCLIPPipeline:
             got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"images must be a (B, 3, {S}, {S}) tensor in [-1, 1] (the shapes world at {S} px), "
                              f"got {got}; render one with kandlab.shapes.render(scene, {S})")
-        return self.clip.image_tower(images.float())[1]
+        return embed_images(self.clip, images.float())
 
     # -- stage 1: the prior -------------------------------------------------------------
 
@@ -164,6 +160,28 @@ class UnCLIPPipeline:
                                 f"{self.image_size}) tensor, got {type(item).__name__}"
                                 + (f" of shape {tuple(item.shape)}" if isinstance(item, Tensor) else ""))
         return mix(torch.stack(embeds), weights_)[None]  # (1, P)
+
+
+@torch.no_grad()
+def embed_images(clip: CLIP, images: Tensor, batch: int = 256) -> Tensor:
+    """Images (N, 3, 64, 64) in [-1, 1] → CLIP image embeddings (N, P), not normalised (what the prior models and
+    the decoder reads), ``batch`` images at a time."""
+    return torch.cat([clip.image_tower(images[i:i + batch])[1] for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def embed_texts(clip: CLIP, captions: list[str], tokenizer: ShapesTokenizer | None = None,
+                batch: int = 1024) -> tuple[Tensor, Tensor, Tensor]:
+    """Captions → CLIP text hidden states (N, L, D), pooled embeddings (N, P), bool mask (N, L); the shapes
+    tokenizer padded to the text tower's context length unless ``tokenizer`` is given."""
+    tokenizer = tokenizer or ShapesTokenizer.from_shapes(max_length=clip.text_tower.config.max_position_embeddings)
+    tok = tokenizer(list(captions))
+    hidden, pooled = [], []
+    for i in range(0, len(tok["input_ids"]), batch):
+        h, p = clip.text_tower(tok["input_ids"][i:i + batch], tok["attention_mask"][i:i + batch])
+        hidden.append(h)
+        pooled.append(p)
+    return torch.cat(hidden), torch.cat(pooled), tok["attention_mask"].bool()
 
 
 def empty_caption(batch: int, length: int) -> dict[str, Tensor]:
