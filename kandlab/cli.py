@@ -322,7 +322,7 @@ def generate_unclip(args: argparse.Namespace, out: Path) -> int:
                          "Kandinsky 2.2; leave out --sampler, --eta, --threshold and --start")
     pipe = UnCLIPPipeline.from_tiny()
     guidance = 4.0 if args.guidance is None else args.guidance
-    images = pipe([args.prompt] * args.num_images, steps=args.steps, guidance=guidance, seed=args.seed)
+    images = pipe([args.prompt] * args.num_images, steps=args.steps, guidance=guidance, seed=args.seed, progress=True)
     save_png_grid(images, out, upscale=args.upscale)
     what = "image" if args.num_images == 1 else f"grid of {args.num_images} images"
     print(f"wrote {out} ({what}: prior 25 steps, then decoder DDIM {args.steps} steps, guidance {guidance}, "
@@ -405,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "data/pixel_text.safetensors, state in runs/<recipe>/); movq-tiny (lesson 07's "
                                   "autoencoder) and latent-text (its latent text-to-image model, after movq-tiny; "
                                   "two stages, base and polish, or latent-text-polish alone); clip-tiny, prior-tiny (with its "
-                                  "regression baseline) and decoder-tiny (lesson 08's unCLIP, in that order)")
+                                  "regression baseline) and decoder-tiny (lesson 08's unCLIP, in that order; the decoder in "
+                                  "two stages, base and polish, or decoder-tiny-polish alone, which continues "
+                                  "data/decoder_tiny)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     p.add_argument("--run-dir", default="runs", help="where state, logs and sample grids go (default: runs/)")
     p.add_argument("--restart", action="store_true", help="ignore a saved state and start from scratch")
