@@ -270,3 +270,20 @@ def test_decoder_stage_two_continues_stage_one(tmp_path):
     assert [s["steps"] for s in totals["stages"]] == [2, 1] and totals["steps"] == 3
     assert totals["wall_time_seconds"] == round(earlier["wall_time_seconds"] + 3.0, 1)
     assert totals["loss_curve_every_25_steps"][-1] == 0.5 and len(totals["loss_curve_every_25_steps"]) == 2
+
+
+def test_staged_decoder_rebuild_trains_both_stages_and_ships_once(monkeypatch):
+    """``kandlab train decoder-tiny`` runs base then polish (the polish starting from the base run) and writes
+    data/decoder_tiny once, after the last stage; the polish stage alone continues and ships the same name."""
+    from kandlab import train_unclip as tu
+
+    calls = []
+    monkeypatch.setattr(tu, "train_decoder", lambda r, run_dir, resume, progress:
+                        calls.append(("train", r.name, r.init_from, r.steps)) or (None, {}))
+    monkeypatch.setattr(tu, "export_decoder", lambda r, model, log: calls.append(("export", r.ships_as)) or r.ships_as)
+    assert tu.rebuild("decoder-tiny", steps=1) == ["decoder_tiny"]
+    assert calls == [("train", "decoder_tiny", "latent_text", 1), ("train", "decoder_tiny_polish", "decoder_tiny", 1),
+                     ("export", "decoder_tiny")]
+    calls.clear()
+    assert tu.rebuild("decoder-tiny-polish") == ["decoder_tiny"]
+    assert calls == [("train", "decoder_tiny_polish", "decoder_tiny", tu.decoder_polish().steps), ("export", "decoder_tiny")]
