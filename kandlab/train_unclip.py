@@ -546,25 +546,29 @@ def init_decoder(decoder: ImageConditionedUNet, name: str, run_dir: Path | str =
     - else a shipped decoder ``data/<name>`` (a later stage continuing the shipped model): its weights;
     - else a shipped text-to-image model (`init_from_text_model`).
 
-    Returns the card's note; for a decoder, ``earlier`` holds that stage's facts for the card's stage table."""
+    Returns the card's note; for a decoder, ``earlier`` holds its stages' facts for the card's stage table and
+    ``earlier_curve`` its loss curve (one value per 25 steps) so far."""
     state_path = Path(run_dir) / name / "state.pt"
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
         decoder.load_state_dict(state["ema"])
         log = state["log"]
-        earlier = [{**_run_facts(log, log.get("threads", 1)), **log.get("stage_fields", {}), "init": log.get("init")}]
-        return {"from": f"{state_path} (EMA weights at step {log['step']})", "earlier": earlier}
+        facts = _run_facts(log, log.get("threads", 1))
+        curve = facts.pop("loss_curve_every_25_steps")
+        earlier = [{**facts, **log.get("stage_fields", {}), "init": log.get("init")}]
+        return {"from": f"{state_path} (EMA weights at step {log['step']})", "earlier": earlier,
+                "earlier_curve": curve}
     card = weights.load_card(f"{name}.safetensors")
     if card.get("kind") != "decoder":
         return init_from_text_model(decoder, name)
     decoder.load_state_dict(weights.load_tiny_state_dict(f"{name}.safetensors"))
     return {"from": f"data/{name} (shipped EMA weights at step {card['steps']})", "sha256": card["sha256"],
-            "earlier": card.get("stages") or [_stage_of_card(card)]}
+            "earlier": card.get("stages") or [_stage_of_card(card)], "earlier_curve": card["loss_curve_every_25_steps"]}
 
 
 def _stage_of_card(card: dict) -> dict:
     """A one-stage decoder card as the first entry of a stage table (with the scores it shipped with)."""
-    keys = ("steps", "wall_time_seconds", "steps_per_second", "hardware", "loss_curve_every_25_steps")
+    keys = ("steps", "wall_time_seconds", "steps_per_second", "hardware")
     recipe = card["recipe"]
     return {**{k: card[k] for k in keys}, **{k: recipe.get(k, v) for k, v in _STAGE_DEFAULTS.items()},
             "stage": recipe.get("stage", "base"), "init": card.get("init"), "score_at_end": card["score"],
@@ -741,13 +745,13 @@ def export_decoder(recipe: DecoderRecipe, ema: ImageConditionedUNet, log: dict, 
 
     config = asdict(recipe.config)
     init = dict(log.get("init") or {})
-    earlier = init.pop("earlier", None)
+    earlier, earlier_curve = init.pop("earlier", None), init.pop("earlier_curve", [])
     card = {"name": recipe.ships_as, "description": recipe.description, "kind": "decoder",
             "recipe": _recipe_fields(recipe), "decoder_config": config, "unet_config": config["unet"],
             "init": init or None, "parameters": sum(p.numel() for p in ema.parameters()),
             **_run_facts(log, recipe.threads), "rebuild": "kandlab train decoder-tiny"}
     if earlier:
-        card.update(_stage_totals(earlier, card, recipe, init["from"]))
+        card.update(_stage_totals(earlier, earlier_curve, card, recipe, init["from"]))
     pipe = UnCLIPPipeline(load_tiny_clip(recipe.clip), load_tiny_prior(), ema, load_tiny_movq(recipe.latent),
                           recipe.latent_scale, ShapesTokenizer.from_shapes(max_length=MAX_LENGTH))
     threads = torch.get_num_threads()
@@ -760,16 +764,15 @@ def export_decoder(recipe: DecoderRecipe, ema: ImageConditionedUNet, log: dict, 
     return _write(recipe.ships_as, ema.state_dict(), card, out_dir)
 
 
-def _stage_totals(earlier: list[dict], card: dict, recipe: DecoderRecipe, continued_from: str) -> dict:
+def _stage_totals(earlier: list[dict], earlier_curve: list[float], card: dict, recipe: DecoderRecipe,
+                  continued_from: str) -> dict:
     """The card fields of a staged decoder: one entry per stage, and steps, wall time and loss curve in total."""
     keys = ("steps", "wall_time_seconds", "steps_per_second", "hardware")
-    stages = [{k: v for k, v in stage.items() if k != "loss_curve_every_25_steps"} for stage in earlier]
-    stages.append({**{k: card[k] for k in keys}, **_stage_fields(recipe), "continued_from": continued_from})
+    stages = [*earlier, {**{k: card[k] for k in keys}, **_stage_fields(recipe), "continued_from": continued_from}]
     steps, seconds = sum(s["steps"] for s in stages), sum(s["wall_time_seconds"] for s in stages)
-    curve = [v for stage in earlier for v in stage.get("loss_curve_every_25_steps", [])]
     return {"stages": stages, "steps": steps, "wall_time_seconds": round(seconds, 1),
             "steps_per_second": round(steps / seconds, 3),
-            "loss_curve_every_25_steps": curve + card["loss_curve_every_25_steps"]}
+            "loss_curve_every_25_steps": earlier_curve + card["loss_curve_every_25_steps"]}
 
 
 def rebuild(recipe_name: str, steps: int | None = None, run_dir: Path | str = "runs", resume: bool = True,

@@ -276,15 +276,17 @@ def unclip_scores(pipe: UnCLIPPipeline, n: int = 512, batch: int = 64, progress:
 
 
 @torch.no_grad()
-def variation_scores(pipe: UnCLIPPipeline, n: int = 512, batch: int = 64, progress: bool = True) -> dict:
+def variation_scores(pipe: UnCLIPPipeline, n: int = 512, batch: int = 64, progress: bool = True,
+                     seed: int = 2024) -> dict:
     """What the image embedding keeps: ShapesBench of held-out images re-drawn from their CLIP embedding alone
     (image → CLIP → decoder), scored against the captions of the originals; the ceiling of the two-stage
-    pipeline, whose prior can at best produce these embeddings."""
+    pipeline, whose prior can at best produce these embeddings. ``seed``: the held-out world's (2024, the
+    benchmark's; another seed gives validation images)."""
     from tqdm.auto import tqdm
 
     from kandlab.train_unclip import held_out
 
-    images, captions = held_out(n)
+    images, captions = held_out(n, seed)
     drawn = torch.cat([pipe.decode_embeddings(pipe.embed_images(images[i:i + batch]), seed=1234 + i)
                        for i in tqdm(range(0, n, batch), desc="variations", disable=not progress, leave=False)])
     stats = shapes.score(drawn, captions)
@@ -292,4 +294,4 @@ def variation_scores(pipe: UnCLIPPipeline, n: int = 512, batch: int = 64, progre
             "count_confusion": shapes.count_confusion(drawn, captions).tolist(),
             "binding": shapes.binding_rates(drawn, captions),
             "sampler": "decoder DDIM 50 steps, eta 0, guidance 4, from the CLIP embedding of each held-out image",
-            "image_set": "kandlab.train_unclip.held_out(n): ShapesDataset(size=64, seed=2024)"}
+            "image_set": f"kandlab.train_unclip.held_out(n): ShapesDataset(size=64, seed={seed})"}

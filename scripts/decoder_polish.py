@@ -18,8 +18,8 @@ Validation: variations (image → CLIP → decoder) of 256 images of `ShapesData
 the training seed 0 nor the benchmark seed 2024 — scored against their captions, decoder DDIM 50 steps,
 guidance 4, seeds 1234 + batch start; "stage 1" is data/decoder_tiny as it was before stage 2 shipped. Results
 go to scripts/results/decoder_polish.json. The arm that won (logit_normal: 0.309 against 0.258 uniform and 0.227
-for stage 1, n = 256) became `train_unclip.decoder_polish`; its run was renamed runs/decoder_tiny_polish and
-shipped with `kandlab train decoder-tiny-polish`.
+for stage 1, n = 256) became `train_unclip.decoder_polish`; its run was renamed runs/decoder_tiny_polish (where
+this script now trains and reads it) and shipped with `kandlab train decoder-tiny-polish`.
 """
 
 from __future__ import annotations
@@ -33,44 +33,45 @@ from pathlib import Path
 
 import torch
 
-from kandlab import shapes, train_unclip
-from kandlab.tokenizer import ShapesTokenizer
+from kandlab import train_unclip, weights
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decoder_polish.json"
 VALIDATION_SEED, N_VALIDATION = 7, 256
-ARMS = {"uniform": {}, "logit_normal": {"t_sampling": "logit_normal", "t_logit_mean": 1.0}}
+ARMS = ("uniform", "logit_normal")
 
 
 def arm_recipe(arm: str) -> train_unclip.DecoderRecipe:
-    base = dataclasses.replace(train_unclip.decoder_polish(), t_sampling="uniform", t_logit_mean=0.0)
-    return dataclasses.replace(base, name=f"{base.name}_{arm}", **ARMS[arm])
+    """The shipped stage 2 (`train_unclip.decoder_polish`, in runs/decoder_tiny_polish) is the logit-normal arm;
+    the uniform arm is the same recipe with uniform time steps, in runs/decoder_tiny_polish_uniform."""
+    shipped = train_unclip.decoder_polish()
+    if arm == "logit_normal":
+        return shipped
+    return dataclasses.replace(shipped, name=f"{shipped.name}_{arm}", t_sampling="uniform", t_logit_mean=0.0)
 
 
 def validate(run_dir: str = "runs") -> dict:
-    from kandlab.train_movq import load_tiny_movq
-    from kandlab.unclip import UnCLIPPipeline
+    """Score each arm's EMA weights (and stage 1, while data/decoder_tiny is still one stage) on the validation
+    images with `unclip.variation_scores`."""
+    from kandlab.unclip import UnCLIPPipeline, variation_scores
 
     torch.set_num_threads(os.cpu_count() or 1)
-    images, captions = train_unclip.held_out(N_VALIDATION, seed=VALIDATION_SEED)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    clip, prior = train_unclip.load_tiny_clip(), train_unclip.load_tiny_prior()
-    movq = load_tiny_movq("movq_tiny")
-    for arm in ["stage 1 (shipped)", *ARMS]:
-        decoder = train_unclip.load_tiny_decoder()
-        if arm in ARMS:
-            recipe = arm_recipe(arm)
-            state = torch.load(Path(run_dir) / recipe.name / "state.pt", weights_only=False)
-            decoder.load_state_dict(state["ema"])
+    pipe = UnCLIPPipeline.from_tiny()
+    models = {arm: Path(run_dir) / arm_recipe(arm).name / "state.pt" for arm in ARMS}
+    if "stages" not in weights.load_card("decoder_tiny.safetensors"):
+        models = {"stage 1 alone": None, **models}
+    else:
+        print("data/decoder_tiny already ships stage 2: stage 1's row is kept as recorded", flush=True)
+    for arm, state_path in models.items():
+        steps, minutes = 0, 0.0
+        if state_path is not None:
+            state = torch.load(state_path, weights_only=False)
+            pipe.decoder.load_state_dict(state["ema"])
             steps, minutes = state["log"]["step"], round(state["log"]["seconds"] / 60, 1)
-        else:
-            steps, minutes = 0, 0.0
-        pipe = UnCLIPPipeline(clip, prior, decoder, movq, 2.32, ShapesTokenizer.from_shapes(max_length=16))
         start = time.perf_counter()
-        drawn = torch.cat([pipe.decode_embeddings(pipe.embed_images(images[i:i + 64]), seed=1234 + i)
-                           for i in range(0, N_VALIDATION, 64)])
-        score = {k: round(v, 4) for k, v in shapes.score(drawn, captions).items()}
-        results[arm] = {"stage_2_steps": steps, "stage_2_minutes": minutes, "variations": score,
-                        "n": N_VALIDATION}
+        score = variation_scores(pipe, N_VALIDATION, progress=False, seed=VALIDATION_SEED)
+        score = {k.removeprefix("shapesbench_"): v for k, v in score.items() if k.startswith("shapesbench_")}
+        results[arm] = {"stage_2_steps": steps, "stage_2_minutes": minutes, "variations": score, "n": N_VALIDATION}
         print(f"{arm}: {score} ({time.perf_counter() - start:.0f} s)", flush=True)
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     return results

@@ -256,6 +256,8 @@ def test_decoder_stage_two_continues_stage_one(tmp_path):
     want = weights.load_tiny_state_dict("decoder_tiny.safetensors")
     assert all(torch.equal(v, want[k]) for k, v in shipped.state_dict().items())
     assert note["from"].startswith("data/decoder_tiny") and note["earlier"][-1]["steps"] > 0
+    card = weights.load_card("decoder_tiny.safetensors")  # a staged card hands on its whole loss curve
+    assert note["earlier_curve"] == card["loss_curve_every_25_steps"] and len(note["earlier_curve"]) == card["steps"] // 25
 
     base, _ = train_decoder(DecoderRecipe(steps=2, **small), tmp_path, progress=False)
     polish = dataclasses.replace(decoder_polish(), steps=1, **small)
@@ -266,7 +268,7 @@ def test_decoder_stage_two_continues_stage_one(tmp_path):
     assert log["stage_fields"]["stage"] == "polish" and log["stage_fields"]["lr"] == polish.lr
     facts = {"steps": 1, "wall_time_seconds": 3.0, "steps_per_second": 1 / 3, "hardware": {},
              "loss_curve_every_25_steps": [0.5]}
-    totals = _stage_totals(log["init"]["earlier"], facts, polish, log["init"]["from"])
+    totals = _stage_totals(log["init"]["earlier"], log["init"]["earlier_curve"], facts, polish, log["init"]["from"])
     assert [s["steps"] for s in totals["stages"]] == [2, 1] and totals["steps"] == 3
     assert totals["wall_time_seconds"] == round(earlier["wall_time_seconds"] + 3.0, 1)
     assert totals["loss_curve_every_25_steps"][-1] == 0.5 and len(totals["loss_curve_every_25_steps"]) == 2
