@@ -492,6 +492,14 @@ def _wait(page, js: str, arg=None, timeout_s: float = 30, polling: float = 250) 
         return False
 
 
+def _problem_excerpt(text: str, head: int = 500, tail: int = 1500) -> str:
+    """The start of an output that shows a problem and, when it is long, its end too: a traceback's
+    last lines name the exception and its message (the start only shows where it was raised)."""
+    if len(text) <= head + tail:
+        return repr(text)
+    return f"{text[:head]!r} … {text[-tail:]!r}"
+
+
 def _cell_head(source: str) -> str:
     """The line of a cell that calls a widget, else its first line (for messages)."""
     lines = source.strip().splitlines() or [""]
@@ -580,7 +588,7 @@ def test_widgets_work_in_a_real_browser(notebook, runner, shots):
                 text = panel.inner_text()
                 bad = [t for t in PROBLEM_TEXTS + ("⚠",) if t in text]
                 if bad:
-                    fail(f"{what}: after {name} {did} the widget shows {bad}: {text[:500]!r}")
+                    fail(f"{what}: after {name} {did} the widget shows {bad}: {_problem_excerpt(text)}")
             if "<Figure size" in panel.inner_text():
                 fail(f"{what}: shows a figure's text repr instead of the figure (kernel not on the inline backend?)")
             if not pictures:
@@ -601,4 +609,4 @@ def _assert_no_problem_text(page, cells, fail):
         bad = [t for t in PROBLEM_TEXTS if t in text]
         if bad:
             head = _cell_head(cells[index]["source"]) if 0 <= index < len(cells) else "?"
-            fail(f"cell {index} `{head}` shows {bad} in its output: {text[:500]!r}")
+            fail(f"cell {index} `{head}` shows {bad} in its output: {_problem_excerpt(text)}")
