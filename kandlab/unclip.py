@@ -277,21 +277,22 @@ def unclip_scores(pipe: UnCLIPPipeline, n: int = 512, batch: int = 64, progress:
 
 @torch.no_grad()
 def variation_scores(pipe: UnCLIPPipeline, n: int = 512, batch: int = 64, progress: bool = True,
-                     seed: int = 2024) -> dict:
+                     seed: int = 2024, guidance: float = 4.0) -> dict:
     """What the image embedding keeps: ShapesBench of held-out images re-drawn from their CLIP embedding alone
     (image → CLIP → decoder), scored against the captions of the originals; the ceiling of the two-stage
     pipeline, whose prior can at best produce these embeddings. ``seed``: the held-out world's (2024, the
-    benchmark's; another seed gives validation images)."""
+    benchmark's; another seed gives validation images); ``guidance``: the decoder's."""
     from tqdm.auto import tqdm
 
     from kandlab.train_unclip import held_out
 
     images, captions = held_out(n, seed)
-    drawn = torch.cat([pipe.decode_embeddings(pipe.embed_images(images[i:i + batch]), seed=1234 + i)
+    drawn = torch.cat([pipe.decode_embeddings(pipe.embed_images(images[i:i + batch]), guidance=guidance, seed=1234 + i)
                        for i in tqdm(range(0, n, batch), desc="variations", disable=not progress, leave=False)])
     stats = shapes.score(drawn, captions)
     return {**{f"shapesbench_{k}": round(v, 4) for k, v in stats.items()}, "prompts": n,
             "count_confusion": shapes.count_confusion(drawn, captions).tolist(),
             "binding": shapes.binding_rates(drawn, captions),
-            "sampler": "decoder DDIM 50 steps, eta 0, guidance 4, from the CLIP embedding of each held-out image",
+            "sampler": f"decoder DDIM 50 steps, eta 0, guidance {guidance:g}, from the CLIP embedding of each held-out "
+                       "image",
             "image_set": f"kandlab.train_unclip.held_out(n): ShapesDataset(size=64, seed={seed})"}

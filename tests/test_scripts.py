@@ -13,7 +13,8 @@ from kandlab import weights
 
 ROOT = Path(__file__).resolve().parent.parent
 MAINTAINER = {"bench_unet.py", "bench_latent.py", "keep_joint_t5.py", "score_progress.py", "full_unet_cpu.py",
-              "k3_activations.py", "latent_guidance.py", "decoder_polish.py", "make_lesson08.py"}
+              "k3_activations.py", "latent_guidance.py", "decoder_polish.py", "decoder_guidance.py",
+              "make_lesson08.py"}
 MOVED = ("relation_experiments", "relation_probes", "count_experiments", "layout_probe", "export_layout_stage")
 
 
