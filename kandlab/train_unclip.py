@@ -595,12 +595,13 @@ def train_decoder(recipe: DecoderRecipe, run_dir: Path | str = "runs", resume: b
     run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     model = ImageConditionedUNet(recipe.config)
-    init = init_decoder(model, recipe.init_from, run_dir) if recipe.init_from else None
+    state_path = run / "state.pt"
+    resuming = resume and state_path.exists()  # then the run's own weights replace any starting point
+    init = init_decoder(model, recipe.init_from, run_dir) if recipe.init_from and not resuming else None
     ema = ImageConditionedUNet(recipe.config)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
-    state_path = run / "state.pt"
     log = _resume(state_path, {"model": model, "ema": ema}, opt, resume)
     log.setdefault("init", init)
     log.update(threads=recipe.threads, stage_fields=_stage_fields(recipe))

@@ -242,11 +242,12 @@ def test_prior_and_decoder_training_run(tmp_path):
 
 
 @pytest.mark.skipif(not SHIPPED, reason="needs the shipped unCLIP models")
-def test_decoder_stage_two_continues_stage_one(tmp_path):
+def test_decoder_stage_two_continues_stage_one(tmp_path, monkeypatch):
     """A later stage starts from the EMA weights of the stage before it (in a rebuild: runs/<stage>/state.pt),
-    else from the shipped decoder; its card sums the stages."""
+    else from the shipped decoder; its card sums the stages; a resumed stage reads only its own state."""
     import dataclasses
 
+    from kandlab import train_unclip as tu
     from kandlab import weights
     from kandlab.train_unclip import DecoderRecipe, _stage_totals, decoder_polish, init_decoder, train_decoder
 
@@ -266,6 +267,9 @@ def test_decoder_stage_two_continues_stage_one(tmp_path):
     [earlier] = log["init"]["earlier"]
     assert earlier["steps"] == 2 and earlier["stage"] == "base" and earlier["lr"] == DecoderRecipe().lr
     assert log["stage_fields"]["stage"] == "polish" and log["stage_fields"]["lr"] == polish.lr
+    monkeypatch.setattr(tu, "init_decoder", lambda *a: pytest.fail("a resumed stage read its starting weights again"))
+    _, resumed = train_decoder(dataclasses.replace(polish, steps=2), tmp_path, progress=False)
+    assert resumed["step"] == 2 and resumed["init"] == log["init"]
     facts = {"steps": 1, "wall_time_seconds": 3.0, "steps_per_second": 1 / 3, "hardware": {},
              "loss_curve_every_25_steps": [0.5]}
     totals = _stage_totals(log["init"]["earlier"], log["init"]["earlier_curve"], facts, polish, log["init"]["from"])
