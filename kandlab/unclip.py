@@ -276,19 +276,27 @@ def unclip_scores(pipe: UnCLIPPipeline, n: int = 512, batch: int = 64, progress:
 
 
 @torch.no_grad()
+def redraw(pipe: UnCLIPPipeline, images: Tensor, batch: int = 64, guidance: float = 4.0,
+           progress: bool = False) -> Tensor:
+    """Each image (N, 3, 64, 64) redrawn once from its own CLIP embedding (image → CLIP → decoder), in batches
+    whose noise seeds are 1234 + the batch's start: the same images give the same noise at any guidance."""
+    from tqdm.auto import tqdm
+
+    return torch.cat([pipe.decode_embeddings(pipe.embed_images(images[i:i + batch]), guidance=guidance, seed=1234 + i)
+                      for i in tqdm(range(0, len(images), batch), desc="variations", disable=not progress, leave=False)])
+
+
+@torch.no_grad()
 def variation_scores(pipe: UnCLIPPipeline, n: int = 512, batch: int = 64, progress: bool = True,
                      seed: int = 2024, guidance: float = 4.0) -> dict:
     """What the image embedding keeps: ShapesBench of held-out images re-drawn from their CLIP embedding alone
-    (image → CLIP → decoder), scored against the captions of the originals; the ceiling of the two-stage
-    pipeline, whose prior can at best produce these embeddings. ``seed``: the held-out world's (2024, the
-    benchmark's; another seed gives validation images); ``guidance``: the decoder's."""
-    from tqdm.auto import tqdm
-
+    (`redraw`), scored against the captions of the originals; the ceiling of the two-stage pipeline, whose prior
+    can at best produce these embeddings. ``seed``: the held-out world's (2024, the benchmark's; another seed
+    gives validation images); ``guidance``: the decoder's."""
     from kandlab.train_unclip import held_out
 
     images, captions = held_out(n, seed)
-    drawn = torch.cat([pipe.decode_embeddings(pipe.embed_images(images[i:i + batch]), guidance=guidance, seed=1234 + i)
-                       for i in tqdm(range(0, n, batch), desc="variations", disable=not progress, leave=False)])
+    drawn = redraw(pipe, images, batch, guidance, progress)
     stats = shapes.score(drawn, captions)
     return {**{f"shapesbench_{k}": round(v, 4) for k, v in stats.items()}, "prompts": n,
             "count_confusion": shapes.count_confusion(drawn, captions).tolist(),
