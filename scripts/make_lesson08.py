@@ -481,7 +481,7 @@ var, dec = card["decoder_tiny"]["variations"], card["decoder_tiny"]
 print("redrawn from their own CLIP embedding (n = %d): " % var["prompts"]
       + ", ".join(f"{k.split('_')[1]} {var[k]:.3f}" for k in var if k.startswith("shapesbench_")))
 print(f"the decoder's training (its card): {dec['steps']:,} steps in {len(dec.get('stages') or [dec])} stage(s), "
-      f"{dec['wall_time_seconds'] / 60:.0f} min on one CPU thread, from latent_text's UNet")
+      f"{dec['wall_time_seconds'] / 60:.0f} min on {dec['hardware']['threads']} CPU thread(s), from latent_text's UNet")
 """)
 
 md(r"""
